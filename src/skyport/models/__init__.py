@@ -1,0 +1,33 @@
+"""Pydantic models shared by the core, the client library and the command line.
+
+Nothing here imports from :mod:`skyport.server`: the client side must be installable and importable
+without the server's dependencies doing anything.
+"""
+
+from skyport.models.infra import Flavor, Image, Node, Remote, Resource
+from skyport.models.job import (
+    TERMINAL_STATES,
+    Event,
+    Job,
+    JobSpec,
+    JobState,
+    Page,
+    PortSpec,
+)
+from skyport.models.user import User
+
+__all__ = [
+    "TERMINAL_STATES",
+    "Event",
+    "Flavor",
+    "Image",
+    "Job",
+    "JobSpec",
+    "JobState",
+    "Node",
+    "Page",
+    "PortSpec",
+    "Remote",
+    "Resource",
+    "User",
+]

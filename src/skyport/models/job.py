@@ -1,0 +1,193 @@
+"""Jobs: what a user asks for (:class:`JobSpec`) and what happened to it (:class:`Job`, :class:`Event`)."""
+
+from __future__ import annotations
+
+import enum
+import re
+from datetime import datetime
+from typing import Annotated, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+#: Largest job script we accept, in bytes. A script is a recipe, not a data carrier: inputs travel as files.
+MAX_SCRIPT_BYTES = 1024 * 1024
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_LABEL = re.compile(r"^[A-Za-z0-9_.\-/]{1,63}$")
+_ARRAY = re.compile(r"^\d+(-\d+(:\d+)?)?(,\d+(-\d+(:\d+)?)?)*(%\d+)?$")
+
+
+class JobState(enum.StrEnum):
+    """Native job states (DESIGN §3). Terminal states are final; a requeue starts a new attempt."""
+
+    QUEUED = "queued"
+    SCHEDULED = "scheduled"
+    STAGING_IN = "staging_in"
+    RUNNING = "running"
+    STAGING_OUT = "staging_out"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELED})
+
+#: States in which a job holds an allocation (resources counted as used on its nodes).
+ACTIVE_STATES = frozenset(
+    {JobState.SCHEDULED, JobState.STAGING_IN, JobState.RUNNING, JobState.STAGING_OUT}
+)
+
+
+class PortSpec(BaseModel):
+    """A port the job exposes (``in``: reachable from the submitting side) or reaches (``out``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    port: Annotated[int, Field(ge=1, le=65535)]
+    protocol: Literal["tcp"] = "tcp"
+    direction: Literal["in", "out"]
+
+    def __str__(self) -> str:
+        return f"{self.port}/{self.protocol}/{self.direction}"
+
+
+class JobSpec(BaseModel):
+    """What a user asked for. Built from a ``#SWM`` job script, from JSON, or from a TES task.
+
+    Sizes are in bytes, durations in seconds. Exactly one of ``script`` (a whole shell script, run by
+    the interpreter of its shebang) and ``command`` (an argv list run without a shell) is set.
+    """
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+
+    name: Annotated[str, Field(max_length=256)] = ""
+    comment: Annotated[str, Field(max_length=4096)] = ""
+    script: Annotated[str | None, Field(max_length=MAX_SCRIPT_BYTES)] = None
+    command: list[str] | None = None
+    account: str | None = None
+    remote: str | None = None
+    flavor: str | None = None
+    cloud_image: str | None = None
+    container_image: str | None = None
+    nodes: Annotated[int, Field(ge=1, le=100_000)] = 1
+    cpus: Annotated[int, Field(ge=1, le=1_000_000, description="CPUs per node")] = 1
+    mem: Annotated[int, Field(ge=0, description="memory per node, bytes (0: no reservation)")] = 0
+    gpus: Annotated[int, Field(ge=0, le=1024, description="GPUs per node")] = 0
+    storage_size: Annotated[int, Field(ge=0, description="local storage per node, bytes")] = 0
+    walltime: Annotated[int | None, Field(ge=1, description="seconds; None: the remote's default")] = None
+    priority: Annotated[int, Field(ge=-1_000_000, le=1_000_000)] = 0
+    env: dict[str, str] = Field(default_factory=dict)
+    depends: list[str] = Field(default_factory=list)
+    array: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    ports: list[PortSpec] = Field(default_factory=list)
+    submission_address: str | None = None
+    workdir: str | None = None
+    relocatable: bool = True
+    input_files: list[str] = Field(default_factory=list)
+    output_files: list[str] = Field(default_factory=list)
+    storage: str | None = None
+    stdin: str | None = None
+    stdout: str | None = None
+    stderr: str | None = None
+
+    @model_validator(mode="after")
+    def _one_payload(self) -> JobSpec:
+        if (self.script is None) == (self.command is None):
+            raise ValueError("give exactly one of 'script' (a job script) or 'command' (an argv list)")
+        if self.command is not None and (not self.command or not self.command[0]):
+            raise ValueError("'command' must name a program to run")
+        return self
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, env: dict[str, str]) -> dict[str, str]:
+        for key in env:
+            if not _ENV_NAME.match(key):
+                raise ValueError(f"environment variable name {key!r} is not valid (letters, digits, _)")
+        return env
+
+    @field_validator("labels")
+    @classmethod
+    def _label_names(cls, labels: dict[str, str]) -> dict[str, str]:
+        for key, value in labels.items():
+            if not _LABEL.match(key) or not _LABEL.match(value):
+                raise ValueError(f"label {key}={value} is not valid (1-63 of letters, digits, _ . - /)")
+        return labels
+
+    @field_validator("array")
+    @classmethod
+    def _array_range(cls, array: str | None) -> str | None:
+        if array is not None and not _ARRAY.match(array):
+            raise ValueError(f"array range {array!r} is not valid (e.g. 1-100 or 1-1000%50)")
+        return array
+
+    @field_validator("input_files", "output_files")
+    @classmethod
+    def _relative_paths(cls, paths: list[str]) -> list[str]:
+        for path in paths:
+            if not path or "\x00" in path:
+                raise ValueError("file names must be non-empty and contain no NUL byte")
+        return paths
+
+
+class Job(BaseModel):
+    """A job as the native API shows it: the spec plus everything that happened to it."""
+
+    id: str
+    owner: str
+    account: str
+    name: str
+    state: JobState
+    #: machine-readable reason of the latest transition (e.g. ``exit_code``, ``walltime``, ``canceled``)
+    reason: str = ""
+    #: human text of the latest event (the swm API's ``state_details``)
+    state_details: str = ""
+    attempt: int = 1
+    remote: str = ""
+    remote_id: str = ""
+    flavor_id: str = ""
+    node_names: list[str] = Field(default_factory=list)
+    node_ips: list[str] = Field(default_factory=list)
+    submit_time: datetime
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+    cancel_requested: bool = False
+    spec: JobSpec
+
+    @property
+    def duration(self) -> float:
+        """Seconds actually run (0 before start); measured, not guessed."""
+        if self.start_time is None:
+            return 0.0
+        end = self.end_time or datetime.now(self.start_time.tzinfo)
+        return max(0.0, (end - self.start_time).total_seconds())
+
+
+class Event(BaseModel):
+    """One append-only record of a state change, with a machine-readable reason and human text."""
+
+    id: int
+    job_id: str
+    time: datetime
+    attempt: int
+    from_state: JobState | None
+    to_state: JobState
+    reason: str
+    message: str
+
+
+T = TypeVar("T")
+
+
+class Page(BaseModel, Generic[T]):
+    """One page of a list. ``next`` is an opaque cursor for the following page, or None at the end."""
+
+    items: list[T]
+    next: str | None = None
