@@ -14,6 +14,9 @@ MAX_SCRIPT_BYTES = 1024 * 1024
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _LABEL = re.compile(r"^[A-Za-z0-9_.\-/]{1,63}$")
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+#: Largest size in bytes (a signed 64-bit column).
+MAX_BYTES = 2**63 - 1
 _ARRAY = re.compile(r"^\d+(-\d+(:\d+)?)?(,\d+(-\d+(:\d+)?)?)*(%\d+)?$")
 
 
@@ -37,9 +40,7 @@ class JobState(enum.StrEnum):
 TERMINAL_STATES = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELED})
 
 #: States in which a job holds an allocation (resources counted as used on its nodes).
-ACTIVE_STATES = frozenset(
-    {JobState.SCHEDULED, JobState.STAGING_IN, JobState.RUNNING, JobState.STAGING_OUT}
-)
+ACTIVE_STATES = frozenset({JobState.SCHEDULED, JobState.STAGING_IN, JobState.RUNNING, JobState.STAGING_OUT})
 
 
 class PortSpec(BaseModel):
@@ -75,9 +76,11 @@ class JobSpec(BaseModel):
     container_image: str | None = None
     nodes: Annotated[int, Field(ge=1, le=100_000)] = 1
     cpus: Annotated[int, Field(ge=1, le=1_000_000, description="CPUs per node")] = 1
-    mem: Annotated[int, Field(ge=0, description="memory per node, bytes (0: no reservation)")] = 0
+    mem: Annotated[
+        int, Field(ge=0, le=MAX_BYTES, description="memory per node, bytes (0: no reservation)")
+    ] = 0
     gpus: Annotated[int, Field(ge=0, le=1024, description="GPUs per node")] = 0
-    storage_size: Annotated[int, Field(ge=0, description="local storage per node, bytes")] = 0
+    storage_size: Annotated[int, Field(ge=0, le=MAX_BYTES, description="local storage per node, bytes")] = 0
     walltime: Annotated[int | None, Field(ge=1, description="seconds; None: the remote's default")] = None
     priority: Annotated[int, Field(ge=-1_000_000, le=1_000_000)] = 0
     env: dict[str, str] = Field(default_factory=dict)
@@ -95,13 +98,40 @@ class JobSpec(BaseModel):
     stdout: str | None = None
     stderr: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_is_unset(cls, data: object) -> object:
+        """``""`` for an optional name means "not given", as in a job script; never a distinct value."""
+        if isinstance(data, dict):
+            optional = ("account", "remote", "flavor", "cloud_image", "container_image", "workdir", "storage")
+            return {k: (None if k in optional and v == "" else v) for k, v in data.items()}
+        return data
+
     @model_validator(mode="after")
     def _one_payload(self) -> JobSpec:
         if (self.script is None) == (self.command is None):
             raise ValueError("give exactly one of 'script' (a job script) or 'command' (an argv list)")
         if self.command is not None and (not self.command or not self.command[0]):
             raise ValueError("'command' must name a program to run")
+        if self.script is not None and len(self.script.encode()) > MAX_SCRIPT_BYTES:
+            raise ValueError(f"the script is larger than {MAX_SCRIPT_BYTES} bytes")
+        if "\\u0000" in self.model_dump_json():  # JSON escapes NUL as \u0000
+            raise ValueError("the job contains a NUL character")
+        seen: dict[int, str] = {}
+        for port in self.ports:
+            if port.port in seen:
+                raise ValueError(f"port {port.port} is given twice ({seen[port.port]} and {port.direction})")
+            seen[port.port] = port.direction
         return self
+
+    @field_validator("depends")
+    @classmethod
+    def _job_ids(cls, depends: list[str]) -> list[str]:
+        ids = [d.strip().lower() for d in depends]
+        for job_id in ids:
+            if not _UUID.match(job_id):
+                raise ValueError(f"dependency {job_id!r} is not a job id")
+        return list(dict.fromkeys(ids))
 
     @field_validator("env")
     @classmethod
@@ -128,10 +158,18 @@ class JobSpec(BaseModel):
 
     @field_validator("input_files", "output_files")
     @classmethod
-    def _relative_paths(cls, paths: list[str]) -> list[str]:
+    def _file_names(cls, paths: list[str]) -> list[str]:
         for path in paths:
             if not path or "\x00" in path:
                 raise ValueError("file names must be non-empty and contain no NUL byte")
+        return paths
+
+    @field_validator("output_files")
+    @classmethod
+    def _relative_outputs(cls, paths: list[str]) -> list[str]:
+        for path in paths:
+            if path.startswith("/") or ".." in path.split("/"):
+                raise ValueError(f"output file {path!r} must be relative to the working directory")
         return paths
 
 

@@ -1,0 +1,112 @@
+"""Settings of the core: defaults, then ``$SKYPORT_HOME/skyport.toml``, then ``SKYPORT_*`` variables.
+
+One object, built once at start-up and passed to whatever needs it (no module-level globals).
+Nested values come from the environment with a double underscore, e.g. ``SKYPORT_LOCAL__CPUS=64``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+SETTINGS_FILE = "skyport.toml"
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("SKYPORT_HOME") or Path.home() / ".skyport").expanduser()
+
+
+class LocalGateSettings(BaseModel):
+    """The ``local`` remote: this machine."""
+
+    enabled: bool = True
+    #: Declared capacity; None means what the machine really has. Declaring more CPUs than exist lets
+    #: many light jobs share a core (like Slurm's ``CPUs=`` on a node line).
+    cpus: int | None = Field(default=None, ge=1)
+    mem: int | None = Field(default=None, ge=1)
+    gpus: int = Field(default=0, ge=0)
+    #: Sky Port user name -> Unix account, when the core runs as root.
+    user_map: dict[str, str] = Field(default_factory=dict)
+    #: Unix account for users with no mapping and no account of their own name (root core only).
+    default_user: str | None = None
+    #: A root core never runs a job as root unless this is set.
+    allow_root: bool = False
+    #: Where per-job working directories are made; must be traversable by the accounts jobs run as.
+    #: None: ``<home>/work``.
+    workroot: Path | None = None
+    #: Seconds between SIGTERM and SIGKILL when a job is canceled or overruns its walltime.
+    cancel_grace_s: float = Field(default=10.0, ge=0)
+    #: Walltime given to jobs that ask for none (seconds); None: unlimited.
+    default_walltime: int | None = Field(default=None, ge=1)
+    max_walltime: int | None = Field(default=None, ge=1)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SKYPORT_", env_nested_delimiter="__", extra="forbid")
+
+    home: Path = Field(default_factory=default_home)
+    host: str = "127.0.0.1"
+    port: int = Field(default=8443, ge=0, le=65535)
+    #: SQLAlchemy URL; empty means SQLite in the home directory.
+    database_url: str = ""
+    #: Largest accepted upload (all files of one submission together), bytes.
+    max_upload_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
+    #: Seconds between scheduler passes when nothing wakes it earlier.
+    scheduler_interval_s: float = Field(default=1.0, gt=0)
+    #: Accept job scripts with directives the original Sky Port ignored (else they are a 400).
+    jobscript_compat: bool = False
+    log_level: str = "info"
+    log_json: bool = False
+    local: LocalGateSettings = Field(default_factory=LocalGateSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        init_home = getattr(init_settings, "init_kwargs", {}).get("home")
+        home = Path(init_home) if init_home else default_home()
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=home / SETTINGS_FILE)
+        return (init_settings, env_settings, toml)
+
+    # Paths derived from home: one layout, documented in one place.
+    @property
+    def ca_dir(self) -> Path:
+        return self.home / "ca"
+
+    @property
+    def server_cert(self) -> Path:
+        return self.home / "server" / "cert.pem"
+
+    @property
+    def server_key(self) -> Path:
+        return self.home / "server" / "key.pem"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.ca_dir / "ca.pem"
+
+    @property
+    def spool(self) -> Path:
+        return self.home / "spool"
+
+    @property
+    def store_url(self) -> str:
+        return self.database_url or f"sqlite+aiosqlite:///{self.home / 'skyport.db'}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    return Settings(**overrides)

@@ -1,0 +1,372 @@
+"""Jobs and their events in the store.
+
+Every state change goes through :func:`transition`, which updates the job only if it is still in one of
+the expected states and writes the event in the same transaction. That guard is what makes each final
+state happen exactly once, whoever races (an exit, a cancel, a restarted core re-adopting the job).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, delete, func, insert, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from skyport.models import Event, Job, JobSpec, JobState
+from skyport.server.store.tables import accounts, events, job_files, jobs, users
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A validated submission, ready to be written."""
+
+    id: str
+    owner_id: str
+    account_id: str
+    spec: JobSpec
+    submit_time: datetime
+    walltime: int | None
+    remote_id: str | None = None
+    input_files: Sequence[tuple[str, int, str]] = ()  # (name, size, sha256)
+
+
+@dataclass(frozen=True)
+class StateChange:
+    """One job's move to a new state, with what to record alongside."""
+
+    job_id: str
+    to_state: JobState
+    reason: str
+    message: str
+    from_states: frozenset[JobState]
+    values: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _row_values(job: NewJob) -> dict[str, Any]:
+    spec = job.spec
+    return {
+        "id": job.id,
+        "owner_id": job.owner_id,
+        "account_id": job.account_id,
+        "name": spec.name,
+        "state": JobState.QUEUED.value,
+        "reason": "submitted",
+        "state_details": "Waiting to be scheduled",
+        "attempt": 1,
+        "spec": spec.model_dump(mode="json", exclude_defaults=True),
+        "priority": spec.priority,
+        "cpus": spec.cpus,
+        "mem": spec.mem,
+        "gpus": spec.gpus,
+        "node_count": spec.nodes,
+        "walltime": job.walltime,
+        "requested_remote_id": job.remote_id,
+        "remote_id": None,
+        "node_ids": [],
+        "node_names": [],
+        "node_ips": [],
+        "handle": None,
+        "cancel_requested": False,
+        "requeue_requested": False,
+        "submit_time": job.submit_time,
+        "updated_at": job.submit_time,
+    }
+
+
+async def insert_jobs(conn: AsyncConnection, new_jobs: Sequence[NewJob]) -> None:
+    """Write accepted submissions (one transaction for many: group commit) with their first event."""
+    if not new_jobs:
+        return
+    await conn.execute(insert(jobs), [_row_values(j) for j in new_jobs])
+    await conn.execute(
+        insert(events),
+        [
+            {
+                "job_id": j.id,
+                "attempt": 1,
+                "time": j.submit_time,
+                "from_state": None,
+                "to_state": JobState.QUEUED.value,
+                "reason": "submitted",
+                "message": "Waiting to be scheduled",
+            }
+            for j in new_jobs
+        ],
+    )
+    files = [
+        {"job_id": j.id, "kind": "input", "name": name, "size": size, "sha256": sha}
+        for j in new_jobs
+        for name, size, sha in j.input_files
+    ]
+    if files:
+        await conn.execute(insert(job_files), files)
+
+
+async def transition(
+    conn: AsyncConnection, changes: Sequence[StateChange], now: datetime
+) -> list[StateChange]:
+    """Apply each change whose job is still in an expected state; return the ones applied.
+
+    Each applied change writes its event. A change whose guard fails is skipped: another actor got
+    there first, and the event log shows what it did.
+    """
+    if not changes:
+        return []
+    ids = list({c.job_id for c in changes})
+    current = {
+        r.id: (JobState(r.state), r.attempt)
+        for r in (
+            await conn.execute(select(jobs.c.id, jobs.c.state, jobs.c.attempt).where(jobs.c.id.in_(ids)))
+        )
+    }
+    applied: list[StateChange] = []
+    event_rows: list[dict[str, Any]] = []
+    for change in changes:
+        if change.job_id not in current:
+            continue
+        state, attempt = current[change.job_id]
+        if state not in change.from_states:
+            continue
+        values = {
+            "state": change.to_state.value,
+            "reason": change.reason,
+            "state_details": change.message,
+            "updated_at": now,
+            **change.values,
+        }
+        result = await conn.execute(
+            update(jobs).where(jobs.c.id == change.job_id, jobs.c.state == state.value).values(**values)
+        )
+        if not result.rowcount:
+            continue  # PostgreSQL: a concurrent transaction moved it first
+        current[change.job_id] = (change.to_state, values.get("attempt", attempt))
+        applied.append(change)
+        event_rows.append(
+            {
+                "job_id": change.job_id,
+                "attempt": values.get("attempt", attempt),
+                "time": now,
+                "from_state": state.value,
+                "to_state": change.to_state.value,
+                "reason": change.reason,
+                "message": change.message,
+            }
+        )
+    if event_rows:
+        await conn.execute(insert(events), event_rows)
+    return applied
+
+
+def requeue_values(attempt: int) -> dict[str, Any]:
+    """Column values that start attempt ``attempt + 1`` of a job from scratch."""
+    return {
+        "attempt": attempt + 1,
+        "remote_id": None,
+        "node_ids": [],
+        "node_names": [],
+        "node_ips": [],
+        "handle": None,
+        "cancel_requested": False,
+        "requeue_requested": False,
+        "canceled_by": None,
+        "scheduled_time": None,
+        "start_time": None,
+        "end_time": None,
+        "exit_code": None,
+        "signal": None,
+    }
+
+
+async def set_flags(conn: AsyncConnection, job_id: str, **values: Any) -> bool:
+    result = await conn.execute(update(jobs).where(jobs.c.id == job_id).values(**values))
+    return bool(result.rowcount)
+
+
+async def add_event(
+    conn: AsyncConnection,
+    job_id: str,
+    attempt: int,
+    state: JobState,
+    reason: str,
+    message: str,
+    now: datetime,
+) -> None:
+    """An event that is not a state change (e.g. a cancel request), also shown as ``state_details``."""
+    await conn.execute(
+        insert(events),
+        {
+            "job_id": job_id,
+            "attempt": attempt,
+            "time": now,
+            "from_state": state.value,
+            "to_state": state.value,
+            "reason": reason,
+            "message": message,
+        },
+    )
+    await conn.execute(update(jobs).where(jobs.c.id == job_id).values(state_details=message, updated_at=now))
+
+
+_JOB_COLUMNS = [
+    jobs,
+    users.c.name.label("owner_name"),
+    accounts.c.name.label("account_name"),
+]
+
+
+def _job_select() -> Any:
+    return (
+        select(*_JOB_COLUMNS)
+        .join(users, users.c.id == jobs.c.owner_id)
+        .join(accounts, accounts.c.id == jobs.c.account_id)
+    )
+
+
+def job_from_row(row: Any) -> Job:
+    return Job(
+        id=row.id,
+        owner=row.owner_name,
+        account=row.account_name,
+        name=row.name,
+        state=JobState(row.state),
+        reason=row.reason,
+        state_details=row.state_details,
+        attempt=row.attempt,
+        remote_id=row.remote_id or "",
+        node_names=row.node_names,
+        node_ips=row.node_ips,
+        submit_time=row.submit_time,
+        start_time=row.start_time,
+        end_time=row.end_time,
+        exit_code=row.exit_code,
+        signal=row.signal,
+        cancel_requested=row.cancel_requested,
+        spec=JobSpec.model_validate(row.spec),
+    )
+
+
+async def get_job(conn: AsyncConnection, job_id: str) -> Job | None:
+    row = (await conn.execute(_job_select().where(jobs.c.id == job_id))).first()
+    return job_from_row(row) if row else None
+
+
+async def get_job_row(conn: AsyncConnection, job_id: str) -> Any:
+    """The raw row, for the loops that need internal columns (handle, owner id, flags)."""
+    return (await conn.execute(select(jobs).where(jobs.c.id == job_id))).first()
+
+
+@dataclass(frozen=True)
+class JobFilter:
+    owner_id: str | None = None  # None: all users (admins)
+    states: frozenset[JobState] = frozenset()
+    name: str | None = None
+    owner_name: str | None = None
+
+
+def encode_cursor(seq: int) -> str:
+    return base64.urlsafe_b64encode(json.dumps({"seq": seq}).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    """Raises ValueError with a message fit for a 400 when the cursor was not made by us."""
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        seq = json.loads(base64.urlsafe_b64decode(padded.encode()))["seq"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError("the page cursor is not valid: pass the 'next' value of a previous page") from exc
+    if not isinstance(seq, int):
+        raise ValueError("the page cursor is not valid: pass the 'next' value of a previous page")
+    return seq
+
+
+async def list_jobs(
+    conn: AsyncConnection, flt: JobFilter, *, limit: int, after: str | None = None, newest_first: bool = True
+) -> tuple[list[Job], str | None]:
+    """A page of jobs and the cursor of the next page. Stable while jobs are added (cursor on ``seq``)."""
+    query = _job_select()
+    if flt.owner_id is not None:
+        query = query.where(jobs.c.owner_id == flt.owner_id)
+    if flt.states:
+        query = query.where(jobs.c.state.in_([s.value for s in flt.states]))
+    if flt.name is not None:
+        query = query.where(jobs.c.name == flt.name)
+    if flt.owner_name is not None:
+        query = query.where(users.c.name == flt.owner_name)
+    if after is not None:
+        seq = decode_cursor(after)
+        query = query.where(jobs.c.seq < seq if newest_first else jobs.c.seq > seq)
+    query = query.order_by(jobs.c.seq.desc() if newest_first else jobs.c.seq.asc()).limit(limit + 1)
+    rows = (await conn.execute(query)).all()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return [job_from_row(r) for r in rows], (encode_cursor(rows[-1].seq) if more and rows else None)
+
+
+async def list_events(conn: AsyncConnection, job_id: str, after_id: int = 0) -> list[Event]:
+    rows = (
+        await conn.execute(
+            select(events).where(events.c.job_id == job_id, events.c.id > after_id).order_by(events.c.id)
+        )
+    ).all()
+    return [
+        Event(
+            id=r.id,
+            job_id=r.job_id,
+            time=r.time,
+            attempt=r.attempt,
+            from_state=JobState(r.from_state) if r.from_state else None,
+            to_state=JobState(r.to_state),
+            reason=r.reason,
+            message=r.message,
+        )
+        for r in rows
+    ]
+
+
+async def count_by_state(conn: AsyncConnection) -> dict[str, int]:
+    rows = (await conn.execute(select(jobs.c.state, func.count()).group_by(jobs.c.state))).all()
+    return {r[0]: r[1] for r in rows}
+
+
+async def rows_in_states(
+    conn: AsyncConnection,
+    states: Iterable[JobState],
+    *,
+    limit: int | None = None,
+    remote_id: str | None = None,
+) -> list[Any]:
+    """Raw rows in the given states, in scheduling order (priority, then submission)."""
+    query = select(jobs).where(jobs.c.state.in_([s.value for s in states]))
+    if remote_id is not None:
+        query = query.where(or_(jobs.c.remote_id == remote_id, and_(jobs.c.remote_id.is_(None))))
+    query = query.order_by(jobs.c.priority.desc(), jobs.c.seq.asc())
+    if limit is not None:
+        query = query.limit(limit)
+    return list((await conn.execute(query)).all())
+
+
+async def list_files(conn: AsyncConnection, job_id: str, kind: str) -> list[tuple[str, int, str]]:
+    rows = (
+        await conn.execute(
+            select(job_files.c.name, job_files.c.size, job_files.c.sha256)
+            .where(job_files.c.job_id == job_id, job_files.c.kind == kind)
+            .order_by(job_files.c.name)
+        )
+    ).all()
+    return [(r.name, r.size, r.sha256) for r in rows]
+
+
+async def replace_files(
+    conn: AsyncConnection, job_id: str, kind: str, files: Sequence[tuple[str, int, str]]
+) -> None:
+    await conn.execute(delete(job_files).where(job_files.c.job_id == job_id, job_files.c.kind == kind))
+    if files:
+        await conn.execute(
+            insert(job_files),
+            [{"job_id": job_id, "kind": kind, "name": n, "size": s, "sha256": h} for n, s, h in files],
+        )

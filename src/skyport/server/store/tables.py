@@ -1,0 +1,229 @@
+"""The store's tables (SQLAlchemy Core). The schema itself is created by the alembic migrations.
+
+Core, not the ORM: the hot paths (submit, claim, transition) are single statements over many rows, and
+the rows map to pydantic models in :mod:`skyport.server.store.jobs` and friends.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite has no time zones)."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store; use the injected clock (UTC)")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, str):  # SQLite may hand back text for computed values
+            value = datetime.fromisoformat(value)
+        return value.replace(tzinfo=UTC)
+
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+users = Table(
+    "users",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("name", String(64), nullable=False, unique=True),
+    Column("roles", JSON, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+accounts = Table(
+    "accounts",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("name", String(64), nullable=False, unique=True),
+    Column("budget", Float, nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+account_members = Table(
+    "account_members",
+    metadata,
+    Column("account_id", String(36), ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True),
+    Column("user_id", String(36), ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+)
+
+certificates = Table(
+    "certificates",
+    metadata,
+    Column("serial", String(64), primary_key=True),
+    Column("user_id", String(36), ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("fingerprint", String(64), nullable=False),
+    Column("issued_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=False),
+    Column("revoked_at", UTCDateTime, nullable=True),
+)
+
+remotes = Table(
+    "remotes",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("name", String(64), nullable=False, unique=True),
+    Column("kind", String(32), nullable=False),
+    Column("account_id", String(36), ForeignKey("accounts.id"), nullable=True),
+    Column("server", String(255), nullable=False, default=""),
+    Column("port", Integer, nullable=False, default=0),
+    Column("settings", JSON, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+)
+
+flavors = Table(
+    "flavors",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("remote_id", String(36), ForeignKey("remotes.id", ondelete="CASCADE"), nullable=False),
+    Column("name", String(128), nullable=False),
+    Column("cpus", Integer, nullable=False),
+    Column("mem", BigInteger, nullable=False),
+    Column("gpus", Integer, nullable=False, default=0),
+    Column("storage", BigInteger, nullable=False, default=0),
+    Column("price", Float, nullable=False, default=0.0),
+    UniqueConstraint("remote_id", "name"),
+)
+
+images = Table(
+    "images",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("remote_id", String(36), ForeignKey("remotes.id", ondelete="CASCADE"), nullable=True),
+    Column("name", String(255), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("comment", Text, nullable=False, default=""),
+)
+
+partitions = Table(
+    "partitions",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("remote_id", String(36), ForeignKey("remotes.id", ondelete="CASCADE"), nullable=False),
+    Column("name", String(128), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("static", Boolean, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
+nodes = Table(
+    "nodes",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("remote_id", String(36), ForeignKey("remotes.id", ondelete="CASCADE"), nullable=False),
+    Column("partition_id", String(36), ForeignKey("partitions.id", ondelete="SET NULL"), nullable=True),
+    Column("name", String(255), nullable=False),
+    Column("host", String(255), nullable=False),
+    Column("ip", String(64), nullable=False, default=""),
+    Column("state_power", String(8), nullable=False),
+    Column("state_alloc", String(16), nullable=False),
+    Column("cpus", Integer, nullable=False),
+    Column("mem", BigInteger, nullable=False),
+    Column("gpus", Integer, nullable=False, default=0),
+    Column("storage", BigInteger, nullable=False, default=0),
+    Column("labels", JSON, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    UniqueConstraint("remote_id", "name"),
+)
+
+jobs = Table(
+    "jobs",
+    metadata,
+    # Monotonic insertion order: stable pagination cursor and FCFS tie-break.
+    Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("id", String(36), nullable=False, unique=True),
+    Column("owner_id", String(36), ForeignKey("users.id"), nullable=False, index=True),
+    Column("account_id", String(36), ForeignKey("accounts.id"), nullable=False),
+    Column("name", String(256), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("reason", String(64), nullable=False, default=""),
+    Column("state_details", Text, nullable=False, default=""),
+    Column("attempt", Integer, nullable=False, default=1),
+    Column("spec", JSON, nullable=False),
+    Column("priority", Integer, nullable=False, default=0),
+    Column("cpus", Integer, nullable=False),
+    Column("mem", BigInteger, nullable=False),
+    Column("gpus", Integer, nullable=False),
+    Column("node_count", Integer, nullable=False),
+    Column("walltime", Integer, nullable=True),
+    # The remote the user asked for (None: any); remote_id is where the job was placed.
+    Column("requested_remote_id", String(36), ForeignKey("remotes.id"), nullable=True),
+    Column("remote_id", String(36), ForeignKey("remotes.id"), nullable=True),
+    Column("node_ids", JSON, nullable=False),
+    Column("node_names", JSON, nullable=False),
+    Column("node_ips", JSON, nullable=False),
+    # What the gate needs to find the job's processes again after a restart.
+    Column("handle", JSON, nullable=True),
+    Column("cancel_requested", Boolean, nullable=False, default=False),
+    Column("requeue_requested", Boolean, nullable=False, default=False),
+    Column("canceled_by", String(64), nullable=True),
+    Column("submit_time", UTCDateTime, nullable=False),
+    Column("scheduled_time", UTCDateTime, nullable=True),
+    Column("start_time", UTCDateTime, nullable=True),
+    Column("end_time", UTCDateTime, nullable=True),
+    Column("exit_code", Integer, nullable=True),
+    Column("signal", Integer, nullable=True),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Index("ix_jobs_state_order", "state", "priority", "seq"),
+)
+
+job_files = Table(
+    "job_files",
+    metadata,
+    Column("job_id", String(36), ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True),
+    Column("kind", String(8), primary_key=True),  # input | output
+    Column("name", String(1024), primary_key=True),
+    Column("size", BigInteger, nullable=False),
+    Column("sha256", String(64), nullable=False),
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("job_id", String(36), ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False, index=True),
+    Column("attempt", Integer, nullable=False),
+    Column("time", UTCDateTime, nullable=False),
+    Column("from_state", String(16), nullable=True),
+    Column("to_state", String(16), nullable=False),
+    Column("reason", String(64), nullable=False),
+    Column("message", Text, nullable=False),
+)
