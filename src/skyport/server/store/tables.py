@@ -191,7 +191,7 @@ jobs = Table(
     Column("node_names", JSON, nullable=False),
     Column("node_ips", JSON, nullable=False),
     # What the gate needs to find the job's processes again after a restart.
-    Column("handle", JSON, nullable=True),
+    Column("handle", JSON(none_as_null=True), nullable=True),
     Column("cancel_requested", Boolean, nullable=False, default=False),
     Column("requeue_requested", Boolean, nullable=False, default=False),
     Column("canceled_by", String(64), nullable=True),

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-23 05:33:14.517452
+Create Date: 2026-11-23 05:43:03.077652
 """
 
 from collections.abc import Sequence
@@ -131,11 +131,12 @@ def upgrade() -> None:
         sa.Column("gpus", sa.Integer(), nullable=False),
         sa.Column("node_count", sa.Integer(), nullable=False),
         sa.Column("walltime", sa.Integer(), nullable=True),
+        sa.Column("requested_remote_id", sa.String(length=36), nullable=True),
         sa.Column("remote_id", sa.String(length=36), nullable=True),
         sa.Column("node_ids", sa.JSON(), nullable=False),
         sa.Column("node_names", sa.JSON(), nullable=False),
         sa.Column("node_ips", sa.JSON(), nullable=False),
-        sa.Column("handle", sa.JSON(), nullable=True),
+        sa.Column("handle", sa.JSON(none_as_null=True), nullable=True),
         sa.Column("cancel_requested", sa.Boolean(), nullable=False),
         sa.Column("requeue_requested", sa.Boolean(), nullable=False),
         sa.Column("canceled_by", sa.String(length=64), nullable=True),
@@ -149,6 +150,9 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(["account_id"], ["accounts.id"], name=op.f("fk_jobs_account_id_accounts")),
         sa.ForeignKeyConstraint(["owner_id"], ["users.id"], name=op.f("fk_jobs_owner_id_users")),
         sa.ForeignKeyConstraint(["remote_id"], ["remotes.id"], name=op.f("fk_jobs_remote_id_remotes")),
+        sa.ForeignKeyConstraint(
+            ["requested_remote_id"], ["remotes.id"], name=op.f("fk_jobs_requested_remote_id_remotes")
+        ),
         sa.PrimaryKeyConstraint("seq", name=op.f("pk_jobs")),
         sa.UniqueConstraint("id", name=op.f("uq_jobs_id")),
     )

@@ -1,0 +1,337 @@
+"""The Python client of the native API, sync (:class:`Client`) and async (:class:`AsyncClient`).
+
+Both build requests and read replies with the same functions; only the transport differs. Errors come
+as :class:`ApiError` (the core answered with an error: its message says what to do) or
+:class:`ConnectionFailed` (it could not be reached or refused our certificate).
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+from pydantic import BaseModel
+
+from skyport.client.config import ClientConfig
+from skyport.models import Event, Flavor, Image, Job, JobSpec, JobState, Node, Page, Remote, User
+
+T = TypeVar("T", bound=BaseModel)
+TIMEOUT = httpx.Timeout(30.0, connect=10.0)
+
+
+class ClientError(Exception):
+    pass
+
+
+class ApiError(ClientError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ConnectionFailed(ClientError):
+    pass
+
+
+def ssl_context(config: ClientConfig) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(config.ca))
+    context.load_cert_chain(str(config.cert), str(config.key))
+    return context
+
+
+@dataclass(frozen=True)
+class _Call:
+    method: str
+    path: str
+    params: dict[str, Any] | None = None
+    json: Any = None
+    content: bytes | None = None
+    files: list[tuple[str, tuple[str | None, Any]]] | None = None
+    data: dict[str, str] | None = None
+    timeout: float | None = None
+
+    def kwargs(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"params": self.params}
+        for name in ("json", "content", "files", "data"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        if self.timeout is not None:
+            out["timeout"] = httpx.Timeout(self.timeout + 10.0, connect=10.0)
+        return out
+
+
+def _check(response: httpx.Response) -> httpx.Response:
+    if response.is_success:
+        return response
+    try:
+        detail = response.json().get("detail", response.text)
+    except (ValueError, AttributeError):
+        detail = response.text
+    raise ApiError(response.status_code, str(detail) or f"HTTP {response.status_code}")
+
+
+def _connection_failed(url: str, exc: httpx.HTTPError) -> ConnectionFailed:
+    if isinstance(exc, httpx.ConnectError):
+        hint = "is the core running (`skyport server`) and is the URL right?"
+    elif isinstance(exc, httpx.RemoteProtocolError):
+        hint = "the core closed the connection: is your certificate issued by its CA and not revoked?"
+    else:
+        hint = "check the network and the core's log"
+    return ConnectionFailed(f"cannot talk to the core at {url}: {exc} — {hint}")
+
+
+def _submit_call(
+    spec: JobSpec | None, script: str | None, inputs: Sequence[Path], name: str | None = None
+) -> _Call:
+    if (spec is None) == (script is None):
+        raise ValueError("give a spec or a script")
+    if not inputs:
+        if spec is not None:
+            return _Call("POST", "/api/v1/jobs", json=spec.model_dump(mode="json", exclude_defaults=True))
+        return _Call("POST", "/api/v1/jobs", content=(script or "").encode())
+    fields = {"spec": spec.model_dump_json(exclude_defaults=True)} if spec else {"script": script or ""}
+    files = [("input", (p.name, p.open("rb"))) for p in inputs]
+    return _Call("POST", "/api/v1/jobs", data=fields, files=files)  # type: ignore[arg-type]
+
+
+def _list_params(
+    states: Sequence[JobState] | None, name: str | None, user: str | None, limit: int, after: str | None
+) -> dict[str, Any]:
+    params: dict[str, Any] = {"limit": limit}
+    if states:
+        params["state"] = [s.value for s in states]
+    for key, value in (("name", name), ("user", user), ("after", after)):
+        if value is not None:
+            params[key] = value
+    return params
+
+
+def _log_params(offset: int, tail: int | None, follow: bool = False) -> dict[str, Any]:
+    params: dict[str, Any] = {"offset": offset}
+    if tail is not None:
+        params["tail"] = tail
+    if follow:
+        params["follow"] = "true"
+    return params
+
+
+class Client:
+    """Synchronous client. Use as a context manager, or call :meth:`close`."""
+
+    def __init__(self, config: ClientConfig | None = None) -> None:
+        self.config = config or ClientConfig.load()
+        self._http = httpx.Client(base_url=self.config.url, verify=ssl_context(self.config), timeout=TIMEOUT)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _do(self, call: _Call) -> httpx.Response:
+        try:
+            return _check(self._http.request(call.method, call.path, **call.kwargs()))
+        except httpx.HTTPError as exc:
+            raise _connection_failed(self.config.url, exc) from exc
+
+    def _model(self, model: type[T], call: _Call) -> T:
+        return model.model_validate_json(self._do(call).content)
+
+    def submit(
+        self, spec: JobSpec | None = None, *, script: str | None = None, inputs: Sequence[Path] = ()
+    ) -> Job:
+        return self._model(Job, _submit_call(spec, script, inputs))
+
+    def jobs(
+        self,
+        states: Sequence[JobState] | None = None,
+        *,
+        name: str | None = None,
+        user: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> Page[Job]:
+        params = _list_params(states, name, user, limit, after)
+        return self._model(Page[Job], _Call("GET", "/api/v1/jobs", params=params))
+
+    def job(self, job_id: str) -> Job:
+        return self._model(Job, _Call("GET", f"/api/v1/jobs/{job_id}"))
+
+    def wait(self, job_id: str, timeout: float = 30.0) -> Job:
+        """The job once it has ended, or as it is after ``timeout`` seconds (at most 60 per call)."""
+        params = {"timeout": timeout}
+        return self._model(Job, _Call("GET", f"/api/v1/jobs/{job_id}/wait", params=params, timeout=timeout))
+
+    def cancel(self, job_id: str) -> Job:
+        return self._model(Job, _Call("POST", f"/api/v1/jobs/{job_id}/cancel"))
+
+    def requeue(self, job_id: str) -> Job:
+        return self._model(Job, _Call("POST", f"/api/v1/jobs/{job_id}/requeue"))
+
+    def log(self, job_id: str, stream: str = "stdout", *, offset: int = 0, tail: int | None = None) -> bytes:
+        return self._do(
+            _Call("GET", f"/api/v1/jobs/{job_id}/{stream}", params=_log_params(offset, tail))
+        ).content
+
+    def follow(self, job_id: str, stream: str = "stdout", *, offset: int = 0) -> Iterator[bytes]:
+        """The log as it grows, until the job ends."""
+        params = _log_params(offset, None, follow=True)
+        try:
+            with self._http.stream(
+                "GET", f"/api/v1/jobs/{job_id}/{stream}", params=params, timeout=None
+            ) as r:
+                if not r.is_success:
+                    r.read()
+                    _check(r)
+                yield from r.iter_bytes()
+        except httpx.HTTPError as exc:
+            raise _connection_failed(self.config.url, exc) from exc
+
+    def events(self, job_id: str) -> list[Event]:
+        return self._model(Page[Event], _Call("GET", f"/api/v1/jobs/{job_id}/events")).items
+
+    def outputs(self, job_id: str) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._do(_Call("GET", f"/api/v1/jobs/{job_id}/outputs")).json()
+        return result
+
+    def download(self, job_id: str, name: str, target: Path) -> int:
+        """Save one output file to ``target``, streamed; returns its size."""
+        size = 0
+        with self._http.stream("GET", f"/api/v1/jobs/{job_id}/outputs/{name}") as r:
+            if not r.is_success:
+                r.read()
+                _check(r)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(target, "wb") as out:
+                for chunk in r.iter_bytes():
+                    out.write(chunk)
+                    size += len(chunk)
+        return size
+
+    def nodes(self) -> list[Node]:
+        return self._model(Page[Node], _Call("GET", "/api/v1/nodes")).items
+
+    def flavors(self) -> list[Flavor]:
+        return self._model(Page[Flavor], _Call("GET", "/api/v1/flavors")).items
+
+    def images(self) -> list[Image]:
+        return self._model(Page[Image], _Call("GET", "/api/v1/images")).items
+
+    def remotes(self) -> list[Remote]:
+        return self._model(Page[Remote], _Call("GET", "/api/v1/remotes")).items
+
+    def whoami(self) -> User:
+        return self._model(User, _Call("GET", "/api/v1/whoami"))
+
+    def revoke_user(self, name: str) -> int:
+        return int(self._do(_Call("POST", f"/api/v1/users/{name}/revoke")).json()["revoked"])
+
+
+class AsyncClient:
+    """Asynchronous client with the same methods as :class:`Client`."""
+
+    def __init__(self, config: ClientConfig | None = None, *, max_connections: int = 100) -> None:
+        self.config = config or ClientConfig.load()
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        self._http = httpx.AsyncClient(
+            base_url=self.config.url, verify=ssl_context(self.config), timeout=TIMEOUT, limits=limits
+        )
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def _do(self, call: _Call) -> httpx.Response:
+        try:
+            return _check(await self._http.request(call.method, call.path, **call.kwargs()))
+        except httpx.HTTPError as exc:
+            raise _connection_failed(self.config.url, exc) from exc
+
+    async def _model(self, model: type[T], call: _Call) -> T:
+        return model.model_validate_json((await self._do(call)).content)
+
+    async def submit(
+        self, spec: JobSpec | None = None, *, script: str | None = None, inputs: Sequence[Path] = ()
+    ) -> Job:
+        return await self._model(Job, _submit_call(spec, script, inputs))
+
+    async def jobs(
+        self,
+        states: Sequence[JobState] | None = None,
+        *,
+        name: str | None = None,
+        user: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> Page[Job]:
+        params = _list_params(states, name, user, limit, after)
+        return await self._model(Page[Job], _Call("GET", "/api/v1/jobs", params=params))
+
+    async def job(self, job_id: str) -> Job:
+        return await self._model(Job, _Call("GET", f"/api/v1/jobs/{job_id}"))
+
+    async def wait(self, job_id: str, timeout: float = 30.0) -> Job:
+        params = {"timeout": timeout}
+        return await self._model(
+            Job, _Call("GET", f"/api/v1/jobs/{job_id}/wait", params=params, timeout=timeout)
+        )
+
+    async def cancel(self, job_id: str) -> Job:
+        return await self._model(Job, _Call("POST", f"/api/v1/jobs/{job_id}/cancel"))
+
+    async def requeue(self, job_id: str) -> Job:
+        return await self._model(Job, _Call("POST", f"/api/v1/jobs/{job_id}/requeue"))
+
+    async def log(
+        self, job_id: str, stream: str = "stdout", *, offset: int = 0, tail: int | None = None
+    ) -> bytes:
+        call = _Call("GET", f"/api/v1/jobs/{job_id}/{stream}", params=_log_params(offset, tail))
+        return (await self._do(call)).content
+
+    async def follow(self, job_id: str, stream: str = "stdout", *, offset: int = 0) -> AsyncIterator[bytes]:
+        params = _log_params(offset, None, follow=True)
+        try:
+            async with self._http.stream(
+                "GET", f"/api/v1/jobs/{job_id}/{stream}", params=params, timeout=None
+            ) as r:
+                if not r.is_success:
+                    await r.aread()
+                    _check(r)
+                async for chunk in r.aiter_bytes():
+                    yield chunk
+        except httpx.HTTPError as exc:
+            raise _connection_failed(self.config.url, exc) from exc
+
+    async def events(self, job_id: str) -> list[Event]:
+        return (await self._model(Page[Event], _Call("GET", f"/api/v1/jobs/{job_id}/events"))).items
+
+    async def nodes(self) -> list[Node]:
+        return (await self._model(Page[Node], _Call("GET", "/api/v1/nodes"))).items
+
+    async def whoami(self) -> User:
+        return await self._model(User, _Call("GET", "/api/v1/whoami"))
+
+
+def dumps(obj: BaseModel | list[BaseModel] | Any) -> str:
+    """JSON for ``--json`` output: models and lists of models as the API shows them."""
+    if isinstance(obj, BaseModel):
+        return obj.model_dump_json(indent=2)
+    if isinstance(obj, list):
+        return json.dumps(
+            [o.model_dump(mode="json") if isinstance(o, BaseModel) else o for o in obj], indent=2
+        )
+    return json.dumps(obj, indent=2, default=str)

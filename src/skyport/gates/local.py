@@ -1,0 +1,260 @@
+"""The ``local`` gate: runs jobs as processes on the machine of the core.
+
+Jobs run as the Unix account mapped to their owner (see :class:`UserMapper`), each in its own process
+group and working directory. Process handling is :mod:`skyport.gates.process`, shared with the node
+agent; this module adds what is specific to "here": the node description, user mapping, and files that
+move by plain copies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import hashlib
+import os
+import pwd
+import shutil
+import socket
+import uuid
+from pathlib import Path
+
+from skyport.gates.base import Exit, ExitCallback, GateError, Handle, JobLaunch, Recovered
+from skyport.gates.process import ExitStatus, LaunchError, LaunchRequest, ProcessExecutor, ProcessHandle
+from skyport.models import Node
+from skyport.server.settings import LocalGateSettings
+
+COPY_CHUNK = 1024 * 1024
+
+
+def machine_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+class UserMapper:
+    """Which Unix account runs a Sky Port user's jobs.
+
+    A core that is not root runs every job as its own account (a single-user install). A root core uses
+    the configured map, then an account of the same name, then the configured default; it never picks
+    root unless ``allow_root`` is set.
+    """
+
+    def __init__(self, settings: LocalGateSettings) -> None:
+        self._settings = settings
+
+    def run_as(self, user: str) -> str | None:
+        """The account name, or None for "the core's own account"."""
+        if os.geteuid() != 0:
+            return None
+        candidates = [self._settings.user_map.get(user), user, self._settings.default_user]
+        for name in candidates:
+            if not name:
+                continue
+            try:
+                entry = pwd.getpwnam(name)
+            except KeyError:
+                continue
+            if entry.pw_uid == 0 and not self._settings.allow_root:
+                continue
+            return name
+        raise GateError(
+            f"no Unix account to run jobs of Sky Port user {user!r}: create an account of that name, or "
+            f"set local.user_map.{user} or local.default_user in skyport.toml"
+        )
+
+
+class LocalGate:
+    kind = "local"
+
+    def __init__(self, settings: LocalGateSettings, workroot: Path) -> None:
+        self._settings = settings
+        self._users = UserMapper(settings)
+        self._workroot = workroot
+        self._executor = ProcessExecutor(allow_root=settings.allow_root)
+
+    # -- capacity ------------------------------------------------------------------------------------
+
+    def nodes(self, remote_id: str, partition_id: str) -> list[Node]:
+        host = socket.gethostname()
+        return [
+            Node(
+                id=str(uuid.uuid5(uuid.NAMESPACE_DNS, f"skyport-local-{host}")),
+                name=host,
+                host=host,
+                ip="127.0.0.1",
+                remote_id=remote_id,
+                partition_id=partition_id,
+                cpus=self._settings.cpus or os.cpu_count() or 1,
+                mem=self._settings.mem or machine_memory(),
+                gpus=self._settings.gpus,
+            )
+        ]
+
+    # -- paths ---------------------------------------------------------------------------------------
+
+    def _workdir(self, job: JobLaunch) -> Path:
+        if job.spec.workdir:
+            return Path(job.spec.workdir)
+        return self._workroot / f"{job.job_id}.{job.attempt}"
+
+    def _control_dir(self, job: JobLaunch) -> Path:
+        return self._workroot / ".control" / f"{job.job_id}.{job.attempt}"
+
+    @staticmethod
+    def _in_workdir(workdir: Path, name: str | None, default: str) -> Path:
+        path = Path(name or default)
+        return path if path.is_absolute() else workdir / path
+
+    def _owner_ids(self, job: JobLaunch) -> tuple[int, int] | None:
+        run_as = self._users.run_as(job.owner)
+        if run_as is None:
+            return None
+        entry = pwd.getpwnam(run_as)
+        return entry.pw_uid, entry.pw_gid
+
+    def _prepare_dirs(self, job: JobLaunch) -> Path:
+        workdir = self._workdir(job)
+        ids = self._owner_ids(job)
+        self._workroot.mkdir(parents=True, exist_ok=True, mode=0o711)
+        workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if ids is not None:
+            os.chown(workdir, *ids)
+        # The control directory (pid, exit status) belongs to the core's account, not the job's.
+        self._control_dir(job).mkdir(parents=True, exist_ok=True, mode=0o700)
+        return workdir
+
+    # -- staging -------------------------------------------------------------------------------------
+
+    async def stage_in(self, job: JobLaunch) -> None:
+        workdir = await asyncio.to_thread(self._prepare_dirs, job)
+        ids = self._owner_ids(job)
+        for name in job.spec.input_files:
+            source = job.inputs_dir / name
+            if not source.is_file():
+                raise GateError(f"input file {name!r} was not uploaded with the job")
+            target = workdir / name
+            await asyncio.to_thread(_copy_file, source, target, ids)
+
+    async def stage_out(self, job: JobLaunch, handle: Handle) -> list[tuple[str, int, str]]:
+        return await asyncio.to_thread(
+            _collect_outputs,
+            Path(handle["workdir"]),
+            job.spec.output_files,
+            job.outputs_dir,
+            handle.get("uid"),
+        )
+
+    # -- running -------------------------------------------------------------------------------------
+
+    async def launch(self, job: JobLaunch) -> Handle:
+        try:
+            workdir = self._prepare_dirs(job)
+            run_as = self._users.run_as(job.owner)
+            spec = job.spec
+            request = LaunchRequest(
+                job_id=job.job_id,
+                attempt=job.attempt,
+                workdir=workdir,
+                control_dir=self._control_dir(job),
+                argv=spec.command,
+                script=spec.script,
+                env=job.env,
+                stdout_path=self._in_workdir(workdir, spec.stdout, "stdout.log"),
+                stderr_path=self._in_workdir(workdir, spec.stderr, "stderr.log"),
+                stdin_path=self._in_workdir(workdir, spec.stdin, "") if spec.stdin else None,
+                run_as=run_as,
+            )
+            process = self._executor.launch(request)
+        except (LaunchError, OSError) as exc:
+            raise GateError(str(exc)) from exc
+        ids = self._owner_ids(job)
+        return {
+            "process": process.to_dict(),
+            "workdir": str(workdir),
+            "stdout": str(request.stdout_path),
+            "stderr": str(request.stderr_path),
+            "uid": ids[0] if ids else None,
+        }
+
+    def watch(self, job_id: str, handle: Handle, on_exit: ExitCallback) -> None:
+        process = ProcessHandle.from_dict(handle["process"])
+
+        def _ended(_: ProcessHandle, status: ExitStatus) -> None:
+            on_exit(job_id, Exit(status.exit_code, status.signal, status.reason, status.message))
+
+        self._executor.watch(process, _ended)
+
+    async def recover(self, job: JobLaunch, handle: Handle | None) -> Recovered:
+        if handle is not None:
+            process = ProcessHandle.from_dict(handle["process"])
+            if self._executor.adopt(process):
+                return Recovered(handle=handle, exit=None)
+        found = self._executor.probe(self._control_dir(job))
+        if found is None:
+            return Recovered(handle=None, exit=None)
+        if isinstance(found, ProcessHandle):
+            workdir = self._workdir(job)
+            spec = job.spec
+            ids = self._owner_ids(job)
+            rebuilt = {
+                "process": found.to_dict(),
+                "workdir": str(workdir),
+                "stdout": str(self._in_workdir(workdir, spec.stdout, "stdout.log")),
+                "stderr": str(self._in_workdir(workdir, spec.stderr, "stderr.log")),
+                "uid": ids[0] if ids else None,
+            }
+            if self._executor.adopt(found):
+                return Recovered(handle=rebuilt, exit=None)
+            return Recovered(
+                handle=None, exit=Exit(None, None, "lost", "the job's process could not be found")
+            )
+        return Recovered(handle=None, exit=Exit(found.exit_code, found.signal, found.reason, found.message))
+
+    async def cancel(self, handle: Handle, grace_s: float) -> None:
+        self._executor.terminate(ProcessHandle.from_dict(handle["process"]), grace_s)
+
+    def log_path(self, handle: Handle, stream: str) -> Path | None:
+        value = handle.get(stream)
+        return Path(value) if value else None
+
+    def close(self) -> None:
+        self._executor.close()
+
+
+def _collect_outputs(
+    workdir: Path, patterns: list[str], outputs_dir: Path, owner_uid: int | None
+) -> list[tuple[str, int, str]]:
+    """Copy the files matching ``patterns`` out of ``workdir``; return (name, size, sha256) of each.
+
+    Never follows a job's symlink out of its workdir nor copies a file the job's account does not own:
+    the core may run as root, and what is copied goes back to the job's owner.
+    """
+    workdir = workdir.resolve()
+    found: list[tuple[str, int, str]] = []
+    for pattern in patterns:
+        for rel in sorted(glob.glob(pattern, root_dir=workdir, recursive=True)):
+            path = (workdir / rel).resolve()
+            if not path.is_relative_to(workdir) or not path.is_file():
+                continue
+            if owner_uid is not None and path.stat().st_uid != owner_uid:
+                continue
+            size, digest = _copy_file(path, outputs_dir / rel, None)
+            found.append((rel, size, digest))
+    return found
+
+
+def _copy_file(source: Path, target: Path, owner: tuple[int, int] | None) -> tuple[int, str]:
+    """Copy in chunks (bounded memory) and return (size, sha256)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    size = 0
+    tmp = target.with_name(f".{target.name}.part")
+    with open(source, "rb") as src, open(tmp, "wb") as dst:
+        while chunk := src.read(COPY_CHUNK):
+            digest.update(chunk)
+            dst.write(chunk)
+            size += len(chunk)
+    shutil.copymode(source, tmp)
+    if owner is not None:
+        os.chown(tmp, *owner)
+    os.replace(tmp, target)
+    return size, digest.hexdigest()

@@ -1,0 +1,28 @@
+"""What every router needs: the core, the caller's identity, and job-id checking."""
+
+from __future__ import annotations
+
+import uuid
+
+from fastapi import HTTPException, Request
+
+from skyport.server.auth import Principal
+from skyport.server.core import Core
+
+
+def get_core(request: Request) -> Core:
+    core: Core = request.app.state.core
+    return core
+
+
+async def get_principal(request: Request) -> Principal:
+    """Authenticate the request (AuthError becomes a 401/403 in the app's handler)."""
+    principal: Principal = await get_core(request).auth.authenticate(request.scope)
+    return principal
+
+
+def check_job_id(job_id: str) -> str:
+    try:
+        return str(uuid.UUID(job_id))
+    except ValueError:
+        raise HTTPException(400, f"{job_id!r} is not a job id (job ids are UUIDs)") from None

@@ -1,0 +1,224 @@
+"""The native API, ``/api/v1``: JSON, paginated lists, documented by the generated OpenAPI."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi.responses import FileResponse, StreamingResponse
+
+from skyport.models import Event, Flavor, Image, Job, JobState, Node, Page, Remote, User
+from skyport.server.api.deps import check_job_id, get_core, get_principal
+from skyport.server.api.submission import read_submission
+from skyport.server.auth import Principal, owner_filter, require_admin
+from skyport.server.core import Core
+from skyport.server.intake import safe_relative_name
+from skyport.server.store import infra as infra_store
+from skyport.server.store import jobs as job_store
+from skyport.server.store import users as user_store
+
+router = APIRouter(prefix="/api/v1", tags=["native"])
+
+CoreDep = Annotated[Core, Depends(get_core)]
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+MAX_WAIT_S = 60.0
+
+
+async def _job(core: Core, principal: Principal, job_id: str) -> Job:
+    job = await core.control.get(principal, check_job_id(job_id))
+    if job is None:
+        raise HTTPException(404, f"no job {job_id} (or it is not yours)")
+    return job
+
+
+@router.post(
+    "/jobs",
+    status_code=201,
+    response_model=Job,
+    summary="Submit a job",
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/JobSpec"}},
+                "text/plain": {"schema": {"type": "string", "description": "a #SWM job script"}},
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "spec": {"type": "string", "description": "JobSpec as JSON"},
+                            "script": {"type": "string", "description": "a #SWM job script"},
+                            "input": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                        },
+                    }
+                },
+            }
+        }
+    },
+)
+async def submit(request: Request, core: CoreDep, principal: PrincipalDep) -> Job:
+    """A JobSpec as JSON, a job script as text, or multipart with ``spec``/``script`` and ``input`` files."""
+    spec, uploads = await read_submission(request, limit=core.settings.max_upload_bytes)
+    return await core.intake.submit(principal.user, spec, uploads)
+
+
+@router.get("/jobs", response_model=Page[Job], summary="List jobs")
+async def list_jobs(
+    core: CoreDep,
+    principal: PrincipalDep,
+    state: Annotated[list[JobState] | None, Query(description="only jobs in these states")] = None,
+    name: str | None = None,
+    user: Annotated[str | None, Query(description="only this user's jobs (admins)")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    after: Annotated[str | None, Query(description="the 'next' cursor of the previous page")] = None,
+) -> Page[Job]:
+    flt = job_store.JobFilter(
+        owner_id=owner_filter(principal), states=frozenset(state or ()), name=name, owner_name=user
+    )
+    try:
+        async with core.store.read() as conn:
+            items, nxt = await job_store.list_jobs(conn, flt, limit=limit, after=after)
+    except ValueError as exc:
+        raise HTTPException(400, str(exc)) from exc
+    return Page[Job](items=items, next=nxt)
+
+
+@router.get("/jobs/{job_id}", response_model=Job, summary="Get a job")
+async def get_job(job_id: str, core: CoreDep, principal: PrincipalDep) -> Job:
+    return await _job(core, principal, job_id)
+
+
+@router.get("/jobs/{job_id}/wait", response_model=Job, summary="Wait until a job ends (long poll)")
+async def wait_job(
+    job_id: str,
+    core: CoreDep,
+    principal: PrincipalDep,
+    timeout: Annotated[float, Query(ge=0, le=MAX_WAIT_S)] = 30.0,
+) -> Job:
+    """Returns when the job is in a final state, or after ``timeout`` seconds with the job as it is."""
+    job = await _job(core, principal, job_id)
+    deadline = core.clock.monotonic() + timeout
+    while not job.state.terminal and (left := deadline - core.clock.monotonic()) > 0:
+        await core.notifier.wait(job.id, left)
+        job = await _job(core, principal, job_id)
+    return job
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=Job, summary="Cancel a job")
+async def cancel_job(job_id: str, core: CoreDep, principal: PrincipalDep) -> Job:
+    job = await core.control.cancel(principal, check_job_id(job_id))
+    if job is None:
+        raise HTTPException(404, f"no job {job_id} (or it is not yours)")
+    return job
+
+
+@router.post("/jobs/{job_id}/requeue", response_model=Job, summary="Run a job again (a new attempt)")
+async def requeue_job(job_id: str, core: CoreDep, principal: PrincipalDep) -> Job:
+    job = await core.control.requeue(principal, check_job_id(job_id))
+    if job is None:
+        raise HTTPException(404, f"no job {job_id} (or it is not yours)")
+    return job
+
+
+def _log_endpoint(stream: str) -> object:
+    async def read_log(
+        job_id: str,
+        core: CoreDep,
+        principal: PrincipalDep,
+        offset: Annotated[int, Query(ge=0)] = 0,
+        tail: Annotated[int | None, Query(ge=0, description="only the last N bytes")] = None,
+        follow: bool = False,
+    ) -> Response:
+        job = await _job(core, principal, job_id)
+        if follow:
+            return StreamingResponse(
+                core.outputs.follow(job, stream, offset=offset), media_type="application/octet-stream"
+            )
+        data = await core.outputs.read(job, stream, offset=offset, tail=tail)
+        return Response(data or b"", media_type="application/octet-stream")
+
+    read_log.__name__ = f"read_{stream}"
+    return read_log
+
+
+router.add_api_route(
+    "/jobs/{job_id}/stdout",
+    _log_endpoint("stdout"),
+    methods=["GET"],  # type: ignore[arg-type]
+    summary="The job's standard output",
+    response_class=Response,
+)
+router.add_api_route(
+    "/jobs/{job_id}/stderr",
+    _log_endpoint("stderr"),
+    methods=["GET"],  # type: ignore[arg-type]
+    summary="The job's standard error",
+    response_class=Response,
+)
+
+
+@router.get("/jobs/{job_id}/events", response_model=Page[Event], summary="A job's history")
+async def job_events(
+    job_id: str, core: CoreDep, principal: PrincipalDep, after: Annotated[int, Query(ge=0)] = 0
+) -> Page[Event]:
+    job = await _job(core, principal, job_id)
+    async with core.store.read() as conn:
+        items = await job_store.list_events(conn, job.id, after_id=after)
+    return Page[Event](items=items)
+
+
+@router.get("/jobs/{job_id}/outputs", summary="Output files brought back from the job")
+async def job_outputs(job_id: str, core: CoreDep, principal: PrincipalDep) -> list[dict[str, object]]:
+    job = await _job(core, principal, job_id)
+    return [{"name": n, "size": s, "sha256": h} for n, s, h in await core.outputs.output_files(job.id)]
+
+
+@router.get("/jobs/{job_id}/outputs/{name:path}", summary="Download one output file")
+async def job_output_file(job_id: str, name: str, core: CoreDep, principal: PrincipalDep) -> FileResponse:
+    job = await _job(core, principal, job_id)
+    known = {n for n, _, _ in await core.outputs.output_files(job.id)}
+    if safe_relative_name(name) not in known:
+        raise HTTPException(404, f"job {job.id} has no output file {name!r}")
+    return FileResponse(core.outputs.output_path(job.id, name), filename=name.rsplit("/", 1)[-1])
+
+
+@router.get("/nodes", response_model=Page[Node], summary="Nodes")
+async def list_nodes(core: CoreDep, principal: PrincipalDep) -> Page[Node]:
+    async with core.store.read() as conn:
+        return Page[Node](items=await infra_store.list_nodes(conn))
+
+
+@router.get("/flavors", response_model=Page[Flavor], summary="Flavors")
+async def list_flavors(core: CoreDep, principal: PrincipalDep) -> Page[Flavor]:
+    async with core.store.read() as conn:
+        return Page[Flavor](items=await infra_store.list_flavors(conn))
+
+
+@router.get("/images", response_model=Page[Image], summary="Images")
+async def list_images(core: CoreDep, principal: PrincipalDep) -> Page[Image]:
+    async with core.store.read() as conn:
+        return Page[Image](items=await infra_store.list_images(conn))
+
+
+@router.get("/remotes", response_model=Page[Remote], summary="Remotes")
+async def list_remotes(core: CoreDep, principal: PrincipalDep) -> Page[Remote]:
+    async with core.store.read() as conn:
+        remotes = await infra_store.list_remotes(conn)
+    # Settings may reference credentials: never in API output.
+    return Page[Remote](items=[r.model_copy(update={"settings": {}}) for r in remotes])
+
+
+@router.get("/whoami", response_model=User, summary="The caller")
+async def whoami(principal: PrincipalDep) -> User:
+    return principal.user
+
+
+@router.post("/users/{name}/revoke", summary="Revoke every certificate of a user (admins)")
+async def revoke_user(name: str, core: CoreDep, principal: PrincipalDep) -> dict[str, int]:
+    require_admin(principal)
+    async with core.store.write() as conn:
+        user = await user_store.get_user(conn, name=name)
+        if user is None:
+            raise HTTPException(404, f"no user {name!r}")
+        count = await user_store.revoke_user_certificates(conn, user.id, core.clock.now())
+    core.auth.forget()
+    return {"revoked": count}

@@ -1,0 +1,59 @@
+"""The ASGI app factory: builds the core, wires the routers, turns errors into clear replies."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+import skyport
+from skyport.server.api import ops, swm, v1
+from skyport.server.auth import AuthError
+from skyport.server.clock import Clock
+from skyport.server.core import Core
+from skyport.server.intake import SubmissionError
+from skyport.server.settings import Settings
+
+
+def create_app(settings: Settings, *, clock: Clock | None = None) -> FastAPI:
+    core = Core(settings, clock)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await core.start()
+        try:
+            yield
+        finally:
+            await core.stop()
+
+    app = FastAPI(
+        title="Sky Port",
+        version=skyport.__version__,
+        summary="One authenticated API between the software that produces work and the machines that run it.",
+        lifespan=lifespan,
+    )
+    app.state.core = core
+    app.include_router(v1.router)
+    app.include_router(swm.router)
+    app.include_router(ops.router)
+
+    @app.exception_handler(AuthError)
+    async def _auth_error(_: Request, exc: AuthError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(SubmissionError)
+    async def _submission_error(_: Request, exc: SubmissionError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        lines = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        return JSONResponse(
+            {"detail": "\n".join(lines), "errors": jsonable_encoder(exc.errors())}, status_code=400
+        )
+
+    return app

@@ -1,0 +1,114 @@
+"""What users do to existing jobs: cancel and requeue. Authorization is checked through ``auth``.
+
+Queued and finished jobs change state here at once. A job that holds an allocation gets a request flag
+and an event; the execution loop stops it and records the end (exactly once, through the state guard).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from skyport.models import Job, JobState
+from skyport.models.job import ACTIVE_STATES, TERMINAL_STATES
+from skyport.server.auth import Principal, may_see_job
+from skyport.server.clock import Clock
+from skyport.server.lifecycle.wakeup import JobNotifier, Wakeup
+from skyport.server.store import jobs as job_store
+from skyport.server.store import users as user_store
+from skyport.server.store.engine import Store
+
+
+class JobControl:
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        notifier: JobNotifier,
+        *,
+        wake_scheduler: Wakeup,
+        wake_execution: Wakeup,
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._notifier = notifier
+        self._wake_scheduler = wake_scheduler
+        self._wake_execution = wake_execution
+
+    async def get(self, principal: Principal, job_id: str) -> Job | None:
+        """The job if it exists and the principal may see it; None otherwise (the API says 404 for both)."""
+        async with self._store.read() as conn:
+            job = await job_store.get_job(conn, job_id)
+        return job if job is not None and may_see_job(principal, job.owner) else None
+
+    async def _visible_row(self, conn: Any, principal: Principal, job_id: str) -> Any:
+        row = await job_store.get_job_row(conn, job_id)
+        if row is None:
+            return None
+        owner = await user_store.get_user(conn, user_id=row.owner_id)
+        return row if owner is not None and may_see_job(principal, owner.name) else None
+
+    async def cancel(self, principal: Principal, job_id: str) -> Job | None:
+        who = principal.user.name
+        now = self._clock.now()
+        async with self._store.write() as conn:
+            row = await self._visible_row(conn, principal, job_id)
+            if row is None:
+                return None
+            state = JobState(row.state)
+            if state is JobState.QUEUED:
+                await job_store.transition(
+                    conn,
+                    [
+                        job_store.StateChange(
+                            job_id,
+                            JobState.CANCELED,
+                            "canceled",
+                            f"Canceled by {who}",
+                            frozenset({JobState.QUEUED}),
+                            {"end_time": now, "canceled_by": who},
+                        )
+                    ],
+                    now,
+                )
+            elif state in ACTIVE_STATES and not row.cancel_requested:
+                await job_store.set_flags(conn, job_id, cancel_requested=True, canceled_by=who)
+                await job_store.add_event(
+                    conn, job_id, row.attempt, state, "cancel_requested", f"Cancel requested by {who}", now
+                )
+        self._notifier.changed(job_id)
+        self._wake_execution.ring()
+        self._wake_scheduler.ring()
+        return await self.get(principal, job_id)
+
+    async def requeue(self, principal: Principal, job_id: str) -> Job | None:
+        who = principal.user.name
+        now = self._clock.now()
+        async with self._store.write() as conn:
+            row = await self._visible_row(conn, principal, job_id)
+            if row is None:
+                return None
+            state = JobState(row.state)
+            if state in TERMINAL_STATES:
+                await job_store.transition(
+                    conn,
+                    [
+                        job_store.StateChange(
+                            job_id,
+                            JobState.QUEUED,
+                            "requeued",
+                            f"Requeued by {who}: attempt {row.attempt + 1} is waiting to be scheduled",
+                            TERMINAL_STATES,
+                            job_store.requeue_values(row.attempt),
+                        )
+                    ],
+                    now,
+                )
+            elif state in ACTIVE_STATES and not row.requeue_requested:
+                await job_store.set_flags(conn, job_id, requeue_requested=True, canceled_by=who)
+                await job_store.add_event(
+                    conn, job_id, row.attempt, state, "requeue_requested", f"Requeue requested by {who}", now
+                )
+        self._notifier.changed(job_id)
+        self._wake_execution.ring()
+        self._wake_scheduler.ring()
+        return await self.get(principal, job_id)

@@ -1,0 +1,126 @@
+"""The core's parts, built once and wired together: store, loops, gates and the services routers use.
+
+Nothing here is global: an app (or a test) builds a :class:`Core` from settings and a clock, starts it,
+and stops it. The loops run as tasks of the core; a restart builds a new core that resumes from the
+store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+
+import structlog
+
+from skyport.gates.base import ExecutorGate
+from skyport.gates.local import LocalGate
+from skyport.server.auth import Authenticator
+from skyport.server.clock import Clock, SystemClock
+from skyport.server.control import JobControl
+from skyport.server.intake import Intake
+from skyport.server.lifecycle.execution import ExecutionLoop
+from skyport.server.lifecycle.scheduling import SchedulerLoop
+from skyport.server.lifecycle.wakeup import JobNotifier, Wakeup
+from skyport.server.metrics import Metrics
+from skyport.server.outputs import JobOutputs
+from skyport.server.settings import Settings
+from skyport.server.spool import Spool
+from skyport.server.store import infra as infra_store
+from skyport.server.store import jobs as job_store
+from skyport.server.store.engine import Store
+
+log = structlog.get_logger(__name__)
+
+LOCAL_REMOTE = "local"
+
+
+class Core:
+    def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.store = Store(settings.store_url)
+        self.metrics = Metrics()
+        self.notifier = JobNotifier()
+        self.spool = Spool(settings.spool)
+        #: remote id -> the gate that runs its jobs; filled at start from the configured remotes.
+        self.gates: dict[str, ExecutorGate] = {}
+        self.auth = Authenticator(self.store, self.clock)
+        # The loops wake each other: a placement wakes execution, an end wakes the scheduler.
+        scheduler_wakeup, execution_wakeup = Wakeup(), Wakeup()
+        self.execution = ExecutionLoop(
+            self.store,
+            self.clock,
+            self.metrics,
+            self.notifier,
+            self.spool,
+            self.gates,
+            cancel_grace_s=settings.local.cancel_grace_s,
+            interval_s=settings.scheduler_interval_s,
+            wakeup=execution_wakeup,
+            on_finished=scheduler_wakeup,
+        )
+        self.scheduler = SchedulerLoop(
+            self.store,
+            self.clock,
+            self.metrics,
+            self.notifier,
+            interval_s=settings.scheduler_interval_s,
+            wakeup=scheduler_wakeup,
+            on_placed=execution_wakeup,
+        )
+        self.intake = Intake(
+            self.store, self.clock, self.spool, self.metrics, settings, self.scheduler.wakeup
+        )
+        self.control = JobControl(
+            self.store,
+            self.clock,
+            self.notifier,
+            wake_scheduler=self.scheduler.wakeup,
+            wake_execution=self.execution.wakeup,
+        )
+        self.outputs = JobOutputs(self.store, self.spool, self.gates, self.notifier)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._local: LocalGate | None = None
+
+    async def start(self) -> None:
+        await self.store.migrate()
+        await self._register_local()
+        self._tasks = [
+            asyncio.create_task(self.execution.run(), name="execution-loop"),
+            asyncio.create_task(self.scheduler.run(), name="scheduler-loop"),
+        ]
+        log.info("core started", store=self.store.dialect, remotes=len(self.gates))
+
+    async def _register_local(self) -> None:
+        if not self.settings.local.enabled:
+            return
+        workroot = self.settings.local.workroot or self.settings.home / "work"
+        gate = LocalGate(self.settings.local, workroot)
+        now = self.clock.now()
+        async with self.store.write() as conn:
+            remote_id = await infra_store.ensure_remote(
+                conn, name=LOCAL_REMOTE, kind="local", server=socket.getfqdn(), settings={}, now=now
+            )
+            partition_id = await infra_store.ensure_static_partition(
+                conn, remote_id=remote_id, name=LOCAL_REMOTE, now=now
+            )
+            for node in gate.nodes(remote_id, partition_id):
+                await infra_store.upsert_node(conn, node, now)
+        self.gates[remote_id] = gate
+        self._local = gate
+
+    async def jobs_by_state(self) -> dict[str, int]:
+        async with self.store.read() as conn:
+            return await job_store.count_by_state(conn)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.execution.close()
+        if self._local is not None:
+            self._local.close()
+        await self.store.close()

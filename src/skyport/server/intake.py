@@ -1,0 +1,252 @@
+"""Job intake: validate a submission against the store, keep its files, and commit it durably.
+
+Concurrent submissions share one transaction (group commit): the first to arrive writes everything
+that is waiting while the others wait for that commit. Nothing is acknowledged before it is committed,
+and a submission that fails validation leaves nothing behind (no row, no spool files).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from skyport.models import Job, JobSpec, JobState, User
+from skyport.server.clock import Clock
+from skyport.server.lifecycle.wakeup import Wakeup
+from skyport.server.metrics import Metrics
+from skyport.server.settings import Settings
+from skyport.server.spool import Spool
+from skyport.server.store import infra as infra_store
+from skyport.server.store import jobs as job_store
+from skyport.server.store import users as user_store
+from skyport.server.store.engine import Store
+
+
+class SubmissionError(ValueError):
+    """A submission we refuse; ``status`` is the HTTP status, the message says what to change."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An input file sent with the submission: its relative name and its bytes, read in chunks."""
+
+    name: str
+    chunks: AsyncIterator[bytes]
+
+
+def safe_relative_name(name: str) -> str:
+    """A file name that stays inside the job's working directory, or SubmissionError."""
+    path = PurePosixPath(name)
+    if not name or "\x00" in name or path.is_absolute() or ".." in path.parts or str(path) in {".", ""}:
+        raise SubmissionError(
+            f"input file name {name!r} must be a relative path inside the working directory"
+        )
+    return str(path)
+
+
+class _GroupCommit:
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._pending: list[tuple[job_store.NewJob, asyncio.Future[None]]] = []
+        self._flushing = False
+
+    async def add(self, job: job_store.NewJob) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((job, fut))
+        if not self._flushing:
+            self._flushing = True
+            try:
+                while self._pending:
+                    batch, self._pending = self._pending, []
+                    await self._write(batch)
+            finally:
+                self._flushing = False
+        await fut
+
+    async def _write(self, batch: list[tuple[job_store.NewJob, asyncio.Future[None]]]) -> None:
+        try:
+            async with self._store.write() as conn:
+                await job_store.insert_jobs(conn, [j for j, _ in batch])
+        except Exception as exc:  # every waiter learns the commit failed
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        for _, fut in batch:
+            if not fut.done():
+                fut.set_result(None)
+
+
+class Intake:
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        spool: Spool,
+        metrics: Metrics,
+        settings: Settings,
+        on_submit: Wakeup,
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._spool = spool
+        self._metrics = metrics
+        self._settings = settings
+        self._on_submit = on_submit
+        self._commit = _GroupCommit(store)
+        # Names resolve rarely change; look them up once per name, not per submission.
+        self._accounts: dict[str, str] = {}
+
+    async def submit(self, user: User, spec: JobSpec, uploads: Sequence[Upload] = ()) -> Job:
+        started = self._clock.monotonic()
+        try:
+            job = await self._submit(user, spec, uploads)
+        except SubmissionError:
+            self._metrics.rejected.inc()
+            raise
+        self._metrics.submitted.inc()
+        self._metrics.submit_latency.observe(self._clock.monotonic() - started)
+        self._on_submit.ring()
+        return job
+
+    async def _submit(self, user: User, spec: JobSpec, uploads: Sequence[Upload]) -> Job:
+        account_name = spec.account or user_store.DEFAULT_ACCOUNT
+        account_id = await self._account_id(user, account_name)
+        remote_id = await self._remote_id(spec)
+        self._check_unsupported(spec)
+        walltime = self._walltime(spec)
+        upload_names = [safe_relative_name(u.name) for u in uploads]
+        if len(set(upload_names)) != len(upload_names):
+            raise SubmissionError("two uploaded input files have the same name")
+        missing = [n for n in spec.input_files if n not in upload_names and "://" not in n]
+        if missing:
+            raise SubmissionError(
+                f"input file(s) {', '.join(missing)} are named in the job but were not uploaded with it: "
+                "pass them with --input"
+            )
+        extra = [n for n in upload_names if n not in spec.input_files]
+        if extra:
+            spec = spec.model_copy(update={"input_files": [*spec.input_files, *extra]})
+        if not spec.name:
+            spec = spec.model_copy(update={"name": default_name(spec)})
+
+        job_id = str(uuid.uuid4())
+        now = self._clock.now()
+        try:
+            files = await self._keep_uploads(job_id, uploads)
+            new = job_store.NewJob(
+                id=job_id,
+                owner_id=user.id,
+                account_id=account_id,
+                spec=spec,
+                submit_time=now,
+                walltime=walltime,
+                remote_id=remote_id,
+                input_files=files,
+            )
+            await self._commit.add(new)
+        except BaseException:
+            await asyncio.to_thread(self._spool.remove, job_id)
+            raise
+        return Job(
+            id=job_id,
+            owner=user.name,
+            account=account_name,
+            name=spec.name,
+            state=JobState.QUEUED,
+            reason="submitted",
+            state_details="Waiting to be scheduled",
+            submit_time=now,
+            spec=spec,
+        )
+
+    async def _account_id(self, user: User, name: str) -> str:
+        if name not in user.accounts and not user.is_admin:
+            choices = ", ".join(user.accounts) or "none"
+            raise SubmissionError(f"unknown account {name!r} for user {user.name}: use one of {choices}")
+        if name not in self._accounts:
+            async with self._store.read() as conn:
+                account_id = await user_store.account_id_by_name(conn, name)
+            if account_id is None:
+                raise SubmissionError(f"unknown account {name!r}")
+            self._accounts[name] = account_id
+        return self._accounts[name]
+
+    async def _remote_id(self, spec: JobSpec) -> str | None:
+        if spec.remote is None and spec.flavor is None and spec.cloud_image is None:
+            return None
+        async with self._store.read() as conn:
+            remote = await infra_store.get_remote(conn, name=spec.remote) if spec.remote else None
+            flavors = await infra_store.list_flavors(conn) if spec.flavor else []
+            images = await infra_store.list_images(conn) if spec.cloud_image else []
+        if spec.remote and remote is None:
+            raise SubmissionError(
+                f"unknown remote {spec.remote!r}: see `skyport remotes` for the ones configured"
+            )
+        if spec.flavor and not any(f.name == spec.flavor for f in flavors):
+            raise SubmissionError(f"unknown flavor {spec.flavor!r}: see `skyport flavors`")
+        if spec.cloud_image and not any(i.name == spec.cloud_image for i in images):
+            raise SubmissionError(f"unknown cloud image {spec.cloud_image!r}: see `skyport images`")
+        return remote.id if remote else None
+
+    @staticmethod
+    def _check_unsupported(spec: JobSpec) -> None:
+        if spec.array is not None:
+            raise SubmissionError(
+                "array jobs are not supported by this core yet: submit the tasks one by one"
+            )
+        if spec.depends:
+            raise SubmissionError("job dependencies are not supported by this core yet")
+
+    def _walltime(self, spec: JobSpec) -> int | None:
+        local = self._settings.local
+        walltime = spec.walltime or local.default_walltime
+        if walltime is not None and local.max_walltime is not None and walltime > local.max_walltime:
+            raise SubmissionError(
+                f"walltime {walltime}s is over the maximum of {local.max_walltime}s on this core"
+            )
+        return walltime
+
+    async def _keep_uploads(self, job_id: str, uploads: Sequence[Upload]) -> list[tuple[str, int, str]]:
+        if not uploads:
+            return []
+        budget = self._settings.max_upload_bytes
+        kept: list[tuple[str, int, str]] = []
+        inputs = self._spool.inputs(job_id)
+        for upload in uploads:
+            name = safe_relative_name(upload.name)
+            target = inputs / name
+            await asyncio.to_thread(target.parent.mkdir, parents=True, exist_ok=True)
+            digest = hashlib.sha256()
+            size = 0
+            fd = await asyncio.to_thread(os.open, target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                async for chunk in upload.chunks:
+                    size += len(chunk)
+                    budget -= len(chunk)
+                    if budget < 0:
+                        limit = self._settings.max_upload_bytes
+                        raise SubmissionError(
+                            f"the uploaded files are larger than the limit of {limit} bytes: "
+                            "stage large data from a URL instead",
+                            status=413,
+                        )
+                    digest.update(chunk)
+                    await asyncio.to_thread(out.write, chunk)
+            kept.append((name, size, digest.hexdigest()))
+        return kept
+
+
+def default_name(spec: JobSpec) -> str:
+    if spec.command:
+        return Path(spec.command[0]).name
+    return "script"

@@ -1,0 +1,498 @@
+"""The execution loop: launches placed jobs on their gates, watches them, stops them, finishes them.
+
+Level-triggered over the store: each pass looks at jobs in ``scheduled``/``staging_in`` (to launch) and
+at running jobs with a cancel request or an overrun walltime. Exits reported by gates are recorded in
+batches. At start-up the loop first recovers: every job the store says is active is found again through
+its gate (re-adopted if still running, finished with its real exit status if it ended while the core was
+down, launched if it never started), so nothing is left untracked after a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from sqlalchemy import select
+
+from skyport.gates.base import ExecutorGate, Exit, GateError, Handle, JobLaunch
+from skyport.models import JobSpec, JobState
+from skyport.server.clock import Clock
+from skyport.server.lifecycle.outcome import EndFlags, Outcome, decide
+from skyport.server.lifecycle.wakeup import JobNotifier, Wakeup
+from skyport.server.metrics import Metrics
+from skyport.server.spool import Spool
+from skyport.server.store import jobs as job_store
+from skyport.server.store.engine import Store
+from skyport.server.store.tables import jobs, users
+
+log = structlog.get_logger(__name__)
+
+LAUNCHABLE = frozenset({JobState.SCHEDULED, JobState.STAGING_IN})
+STARTED = frozenset({JobState.SCHEDULED, JobState.STAGING_IN, JobState.RUNNING})
+LAUNCH_BATCH = 1000
+
+
+@dataclass
+class _Tracked:
+    """A job attempt this core is watching."""
+
+    launch: JobLaunch
+    remote_id: str
+    handle: Handle
+    walltime: int | None
+    deadline: float | None  # monotonic
+    recorded: bool = False  # its ``running`` state is committed
+    cancel_sent: bool = False
+    walltime_exceeded: bool = False
+    cancel_requested: bool = False
+    requeue_requested: bool = False
+    canceled_by: str | None = None
+
+
+class ExecutionLoop:
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        metrics: Metrics,
+        notifier: JobNotifier,
+        spool: Spool,
+        gates: dict[str, ExecutorGate],
+        *,
+        cancel_grace_s: float,
+        interval_s: float,
+        wakeup: Wakeup,
+        on_finished: Wakeup,
+    ) -> None:
+        self.wakeup = wakeup
+        self._store = store
+        self._clock = clock
+        self._metrics = metrics
+        self._notifier = notifier
+        self._spool = spool
+        self._gates = gates
+        self._grace = cancel_grace_s
+        self._interval = interval_s
+        self._on_finished = on_finished
+        self._tracked: dict[str, _Tracked] = {}
+        self._busy: set[str] = set()  # staging in or out right now
+        self._exits: dict[str, Exit] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- the loop ------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        await self.recover()
+        while True:
+            try:
+                await self.pass_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("execution pass failed; retrying on the next wakeup")
+            await self.wakeup.wait(self._next_timeout())
+
+    def _next_timeout(self) -> float:
+        deadlines = [t.deadline for t in self._tracked.values() if t.deadline and not t.cancel_sent]
+        if not deadlines:
+            return self._interval
+        return max(0.0, min(self._interval, min(deadlines) - self._clock.monotonic()))
+
+    async def pass_once(self) -> None:
+        await self._launch_placed()
+        await self._enforce()
+        await self._record_exits()
+
+    # -- reading jobs --------------------------------------------------------------------------------
+
+    async def _rows(self, states: frozenset[JobState], *, flagged_only: bool = False) -> list[Any]:
+        query = (
+            select(jobs, users.c.name.label("owner_name"))
+            .join(users, users.c.id == jobs.c.owner_id)
+            .where(jobs.c.state.in_([s.value for s in states]))
+            .order_by(jobs.c.priority.desc(), jobs.c.seq.asc())
+        )
+        if flagged_only:
+            query = query.where(jobs.c.cancel_requested.is_(True) | jobs.c.requeue_requested.is_(True))
+        else:
+            query = query.limit(LAUNCH_BATCH)
+        async with self._store.read() as conn:
+            return list((await conn.execute(query)).all())
+
+    def _job_launch(self, row: Any) -> JobLaunch:
+        spec = JobSpec.model_validate(row.spec)
+        env = {
+            **spec.env,
+            "SWM_JOB_ID": row.id,
+            "SKYPORT_JOB_ID": row.id,
+            "SKYPORT_JOB_NAME": spec.name,
+            "SKYPORT_NODES": ",".join(row.node_names),
+            "SKYPORT_ATTEMPT": str(row.attempt),
+        }
+        return JobLaunch(
+            job_id=row.id,
+            attempt=row.attempt,
+            name=spec.name,
+            owner=row.owner_name,
+            spec=spec,
+            node_names=list(row.node_names),
+            inputs_dir=self._spool.inputs(row.id),
+            outputs_dir=self._spool.outputs(row.id),
+            attempt_dir=self._spool.attempt(row.id, row.attempt),
+            env=env,
+        )
+
+    def _gate(self, row: Any) -> ExecutorGate:
+        gate = self._gates.get(row.remote_id)
+        if gate is None:
+            raise GateError(f"no gate is configured for remote {row.remote_id}")
+        return gate
+
+    # -- launching -----------------------------------------------------------------------------------
+
+    async def _launch_placed(self) -> None:
+        rows = [
+            r for r in await self._rows(LAUNCHABLE) if r.id not in self._tracked and r.id not in self._busy
+        ]
+        if not rows:
+            return
+        started: list[_Tracked] = []
+        failures: list[job_store.StateChange] = []
+        now = self._clock.now()
+        for row in rows:
+            if row.cancel_requested or row.requeue_requested:
+                failures.append(self._ended_before_start(row, now))
+                continue
+            launch = self._job_launch(row)
+            if launch.spec.input_files:
+                self._busy.add(row.id)
+                self._spawn(self._stage_in_then_launch(row, launch))
+                continue
+            try:
+                handle = await self._gate(row).launch(launch)
+            except GateError as exc:
+                failures.append(self._launch_failed(row, str(exc), now))
+                continue
+            started.append(self._track(row, launch, handle))
+        await self._record_started(started, failures)
+
+    async def _stage_in_then_launch(self, row: Any, launch: JobLaunch) -> None:
+        try:
+            await self._apply(
+                [
+                    job_store.StateChange(
+                        row.id,
+                        JobState.STAGING_IN,
+                        "staging_in",
+                        f"Copying {len(launch.spec.input_files)} input file(s) to the node",
+                        frozenset({JobState.SCHEDULED, JobState.STAGING_IN}),
+                    )
+                ]
+            )
+            gate = self._gate(row)
+            await gate.stage_in(launch)
+            fresh = await self._fresh_row(row.id)
+            if fresh is None or fresh.state != JobState.STAGING_IN.value:
+                return
+            if fresh.cancel_requested or fresh.requeue_requested:
+                await self._apply([self._ended_before_start(fresh, self._clock.now())])
+                return
+            handle = await gate.launch(launch)
+        except GateError as exc:
+            await self._apply([self._launch_failed(row, str(exc), self._clock.now())])
+            return
+        finally:
+            self._busy.discard(row.id)
+        await self._record_started([self._track(row, launch, handle)], [])
+
+    async def _fresh_row(self, job_id: str) -> Any:
+        async with self._store.read() as conn:
+            return await job_store.get_job_row(conn, job_id)
+
+    def _track(self, row: Any, launch: JobLaunch, handle: Handle, *, recorded: bool = False) -> _Tracked:
+        walltime = row.walltime
+        tracked = _Tracked(
+            launch=launch,
+            remote_id=row.remote_id,
+            handle=handle,
+            walltime=walltime,
+            deadline=self._deadline(row, walltime),
+            recorded=recorded,
+            cancel_requested=row.cancel_requested,
+            requeue_requested=row.requeue_requested,
+            canceled_by=row.canceled_by,
+        )
+        self._tracked[row.id] = tracked
+        self._gate(row).watch(row.id, handle, self._on_exit)
+        return tracked
+
+    def _deadline(self, row: Any, walltime: int | None) -> float | None:
+        if walltime is None:
+            return None
+        ran = 0.0
+        if row.start_time is not None:  # re-adopted after a restart: the clock started at the real start
+            ran = max(0.0, (self._clock.now() - row.start_time).total_seconds())
+        return self._clock.monotonic() + walltime - ran
+
+    async def _record_started(self, started: list[_Tracked], failures: list[job_store.StateChange]) -> None:
+        now = self._clock.now()
+        changes = [
+            job_store.StateChange(
+                t.launch.job_id,
+                JobState.RUNNING,
+                "started",
+                f"Running on {', '.join(t.launch.node_names)}",
+                LAUNCHABLE,
+                {"handle": t.handle, "start_time": now},
+            )
+            for t in started
+        ]
+        applied = await self._apply(changes + failures)
+        for change in applied:
+            if change.to_state is JobState.RUNNING:
+                self._tracked[change.job_id].recorded = True
+        if self._exits:
+            self.wakeup.ring()
+
+    def _ended_before_start(self, row: Any, now: Any) -> job_store.StateChange:
+        flags = EndFlags(
+            row.cancel_requested, row.requeue_requested, row.canceled_by, False, None, row.attempt
+        )
+        outcome = decide(Exit(None, None, "canceled", "canceled before start"), flags)
+        values = dict(outcome.values)
+        if outcome.state is not JobState.QUEUED:
+            values["end_time"] = now
+        return job_store.StateChange(
+            row.id, outcome.state, outcome.reason, outcome.message, LAUNCHABLE, values
+        )
+
+    def _launch_failed(self, row: Any, message: str, now: Any) -> job_store.StateChange:
+        return job_store.StateChange(
+            row.id,
+            JobState.FAILED,
+            "launch_failed",
+            f"Could not start: {message}",
+            STARTED,
+            {"end_time": now},
+        )
+
+    # -- cancel and walltime -------------------------------------------------------------------------
+
+    async def _enforce(self) -> None:
+        if any(not t.cancel_sent for t in self._tracked.values()):
+            for row in await self._rows(frozenset({JobState.RUNNING}), flagged_only=True):
+                tracked = self._tracked.get(row.id)
+                if tracked is None or tracked.cancel_sent:
+                    continue
+                tracked.cancel_requested = row.cancel_requested
+                tracked.requeue_requested = row.requeue_requested
+                tracked.canceled_by = row.canceled_by
+                await self._stop(tracked)
+        now = self._clock.monotonic()
+        for tracked in self._tracked.values():
+            if tracked.deadline is not None and not tracked.cancel_sent and now >= tracked.deadline:
+                tracked.walltime_exceeded = True
+                await self._stop(tracked)
+
+    async def _stop(self, tracked: _Tracked) -> None:
+        tracked.cancel_sent = True
+        try:
+            await self._gates[tracked.remote_id].cancel(tracked.handle, self._grace)
+        except GateError as exc:
+            log.warning("cancel failed", job_id=tracked.launch.job_id, error=str(exc))
+
+    # -- exits ---------------------------------------------------------------------------------------
+
+    def _on_exit(self, job_id: str, exit: Exit) -> None:
+        self._exits[job_id] = exit
+        self.wakeup.ring()
+
+    async def _record_exits(self) -> None:
+        ready = [
+            (self._tracked[j], e)
+            for j, e in self._exits.items()
+            if j in self._tracked and self._tracked[j].recorded
+        ]
+        if not ready:
+            return
+        for tracked, _ in ready:
+            del self._exits[tracked.launch.job_id]
+        now = self._clock.now()
+        finals: list[job_store.StateChange] = []
+        staging: list[tuple[_Tracked, Outcome, job_store.StateChange]] = []
+        for tracked, exit in ready:
+            outcome = decide(exit, self._flags(tracked))
+            if tracked.launch.spec.output_files and outcome.state is not JobState.QUEUED:
+                change = job_store.StateChange(
+                    tracked.launch.job_id,
+                    JobState.STAGING_OUT,
+                    outcome.reason,
+                    "Copying output files back",
+                    STARTED,
+                    {**outcome.values, "canceled_by": tracked.canceled_by},
+                )
+                staging.append((tracked, outcome, change))
+            else:
+                finals.append(self._final_change(tracked.launch.job_id, outcome, STARTED, now))
+        applied = {c.job_id for c in await self._apply(finals + [c for _, _, c in staging])}
+        for tracked, _ in ready:
+            if tracked.launch.job_id not in {t.launch.job_id for t, _, _ in staging}:
+                self._tracked.pop(tracked.launch.job_id, None)
+        for tracked, outcome, change in staging:
+            if change.job_id in applied:
+                self._busy.add(change.job_id)
+                self._spawn(
+                    self._stage_out_then_finish(tracked.launch, tracked.remote_id, tracked.handle, outcome)
+                )
+            self._tracked.pop(tracked.launch.job_id, None)
+
+    def _flags(self, tracked: _Tracked) -> EndFlags:
+        return EndFlags(
+            tracked.cancel_requested,
+            tracked.requeue_requested,
+            tracked.canceled_by,
+            tracked.walltime_exceeded,
+            tracked.walltime,
+            tracked.launch.attempt,
+        )
+
+    def _final_change(
+        self, job_id: str, outcome: Outcome, from_states: frozenset[JobState], now: Any
+    ) -> job_store.StateChange:
+        values = dict(outcome.values)
+        if outcome.state is not JobState.QUEUED:
+            values["end_time"] = now
+        return job_store.StateChange(
+            job_id, outcome.state, outcome.reason, outcome.message, from_states, values
+        )
+
+    async def _stage_out_then_finish(
+        self, launch: JobLaunch, remote_id: str, handle: Handle, outcome: Outcome
+    ) -> None:
+        try:
+            gate = self._gates[remote_id]
+            try:
+                files = await gate.stage_out(launch, handle)
+            except (GateError, OSError) as exc:
+                outcome = Outcome(
+                    JobState.FAILED, "stage_out_failed", f"Output files not returned: {exc}", {}
+                )
+                files = []
+            async with self._store.write() as conn:
+                await job_store.replace_files(conn, launch.job_id, "output", files)
+            await self._apply(
+                [
+                    self._final_change(
+                        launch.job_id, outcome, frozenset({JobState.STAGING_OUT}), self._clock.now()
+                    )
+                ]
+            )
+        finally:
+            self._busy.discard(launch.job_id)
+
+    # -- recovery ------------------------------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """Find every active job again after a (re)start of the core."""
+        active = STARTED | {JobState.STAGING_OUT}
+        rows = await self._rows_all(active)
+        finals: list[job_store.StateChange] = []
+        for row in rows:
+            launch = self._job_launch(row)
+            try:
+                gate = self._gate(row)
+            except GateError as exc:
+                finals.append(self._launch_failed(row, str(exc), self._clock.now()))
+                continue
+            if row.state == JobState.STAGING_OUT.value:
+                exit = Exit(row.exit_code, row.signal, row.reason, row.state_details)
+                flags = EndFlags(
+                    row.cancel_requested,
+                    False,
+                    row.canceled_by,
+                    row.reason == "walltime",
+                    row.walltime,
+                    row.attempt,
+                )
+                self._busy.add(row.id)
+                self._spawn(
+                    self._stage_out_then_finish(launch, row.remote_id, row.handle or {}, decide(exit, flags))
+                )
+                continue
+            found = await gate.recover(launch, row.handle)
+            if found.handle is not None:
+                self._track(row, launch, found.handle, recorded=row.state == JobState.RUNNING.value)
+                log.info("re-adopted a running job", job_id=row.id)
+            elif found.exit is not None:
+                # It ended while we were away: record it as if we had watched it.
+                tracked = self._track_ended(row, launch)
+                self._exits[row.id] = found.exit
+                tracked.recorded = True
+            elif row.state == JobState.RUNNING.value:
+                finals.append(
+                    job_store.StateChange(
+                        row.id,
+                        JobState.FAILED,
+                        "lost",
+                        "The job's process was not found after the core restarted",
+                        frozenset({JobState.RUNNING}),
+                        {"end_time": self._clock.now()},
+                    )
+                )
+            # scheduled/staging_in that never started: the next pass launches them
+        started = [t for t in self._tracked.values() if not t.recorded]
+        await self._record_started(started, finals)
+
+    def _track_ended(self, row: Any, launch: JobLaunch) -> _Tracked:
+        tracked = _Tracked(
+            launch=launch,
+            remote_id=row.remote_id,
+            handle=row.handle or {},
+            walltime=row.walltime,
+            deadline=None,
+            cancel_requested=row.cancel_requested,
+            requeue_requested=row.requeue_requested,
+            canceled_by=row.canceled_by,
+        )
+        self._tracked[row.id] = tracked
+        return tracked
+
+    async def _rows_all(self, states: frozenset[JobState]) -> list[Any]:
+        query = (
+            select(jobs, users.c.name.label("owner_name"))
+            .join(users, users.c.id == jobs.c.owner_id)
+            .where(jobs.c.state.in_([s.value for s in states]))
+        )
+        async with self._store.read() as conn:
+            return list((await conn.execute(query)).all())
+
+    # -- shared --------------------------------------------------------------------------------------
+
+    async def _apply(self, changes: list[job_store.StateChange]) -> list[job_store.StateChange]:
+        if not changes:
+            return []
+        async with self._store.write() as conn:
+            applied = await job_store.transition(conn, changes, self._clock.now())
+        finished = False
+        for change in applied:
+            self._notifier.changed(change.job_id)
+            if change.to_state.terminal:
+                self._metrics.finished.labels(state=change.to_state.value).inc()
+                finished = True
+            if change.to_state is JobState.QUEUED:
+                finished = True
+        if finished:
+            self._on_finished.ring()
+        return applied
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,49 @@
+"""Level-triggered loops are woken by events and also run on a timer (DESIGN §5)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import defaultdict
+
+
+class Wakeup:
+    """A coalescing doorbell: any number of rings before the loop looks become one pass."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def ring(self) -> None:
+        self._event.set()
+
+    async def wait(self, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._event.wait(), timeout)
+        self._event.clear()
+
+
+class JobNotifier:
+    """In-process notice that a job changed state, for readers that follow a job (logs -f, wait)."""
+
+    def __init__(self) -> None:
+        self._waiters: dict[str, list[asyncio.Future[None]]] = defaultdict(list)
+
+    def changed(self, job_id: str) -> None:
+        for fut in self._waiters.pop(job_id, []):
+            if not fut.done():
+                fut.set_result(None)
+
+    async def wait(self, job_id: str, timeout: float) -> None:
+        """Return when the job changes state, or after ``timeout`` seconds, whichever comes first."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters[job_id].append(fut)
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            pass
+        finally:
+            waiters = self._waiters.get(job_id)
+            if waiters and fut in waiters:
+                waiters.remove(fut)
+                if not waiters:
+                    del self._waiters[job_id]

@@ -1,0 +1,84 @@
+"""Run the core: the app on uvicorn over mutual TLS, in the foreground.
+
+When it is listening, the core writes ``$SKYPORT_HOME/run/server.json`` (its URL and pid), so tools and
+tests can start it on port 0 and find where it is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from skyport.server.app import create_app
+from skyport.server.logs import configure_logging
+from skyport.server.settings import Settings
+from skyport.server.tls import make_uvicorn_config
+
+
+class ServerNotReady(Exception):
+    pass
+
+
+def ready_file(settings: Settings) -> Path:
+    return settings.home / "run" / "server.json"
+
+
+class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, settings: Settings) -> None:
+        super().__init__(config)
+        self._settings = settings
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.should_exit:
+            return
+        port = self._settings.port
+        for server in self.servers:
+            for sock in server.sockets:
+                port = sock.getsockname()[1]
+        host = self._settings.host
+        url_host = "localhost" if host in {"0.0.0.0", "127.0.0.1", "::", "localhost"} else host
+        path = ready_file(self._settings)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"url": f"https://{url_host}:{port}", "port": port, "pid": os.getpid()}))
+        tmp.replace(path)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        ready_file(self._settings).unlink(missing_ok=True)
+        await super().shutdown(sockets)
+
+
+def check_ready_to_serve(settings: Settings) -> None:
+    for what, path in (
+        ("server certificate", settings.server_cert),
+        ("server key", settings.server_key),
+        ("CA certificate", settings.ca_cert),
+    ):
+        if not path.exists():
+            raise ServerNotReady(f"no {what} at {path}: run `skyport init` first")
+
+
+def serve(settings: Settings, **uvicorn_options: Any) -> None:
+    check_ready_to_serve(settings)
+    configure_logging(settings.log_level, json=settings.log_json)
+    app = create_app(settings)
+    config = make_uvicorn_config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        cert_file=settings.server_cert,
+        key_file=settings.server_key,
+        ca_file=settings.ca_cert,
+        require_client_cert=False,  # the app answers a missing certificate with a clear 401
+        log_level=settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+        **uvicorn_options,
+    )
+    _Server(config, settings).run()

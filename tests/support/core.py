@@ -1,0 +1,139 @@
+"""A real Sky Port core for tests: ``skyport server`` in a subprocess, over real mutual TLS.
+
+Each :class:`CoreProcess` has its own home (CA, store, spool) in a temporary directory, listens on a port
+the OS picks, and can be killed (``kill -9``) and started again on the same home to test recovery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from skyport.client import Client, ClientConfig
+from skyport.server.admin import add_user, init_home
+from skyport.server.settings import Settings
+
+STARTUP_TIMEOUT_S = 30.0
+VENV_BIN = Path(sys.executable).parent
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> object:
+    """Poll ``predicate`` until it returns something truthy; fail with ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def make_workroot() -> Path:
+    """A directory jobs run in. Not under pytest's tmp_path: that is 0700 and jobs run as 'nobody'."""
+    path = Path(tempfile.mkdtemp(prefix="skyport-work-"))
+    path.chmod(0o711)
+    return path
+
+
+@dataclass
+class User:
+    name: str
+    config: ClientConfig
+
+    def client(self) -> Client:
+        return Client(self.config)
+
+
+class CoreProcess:
+    def __init__(self, home: Path, env: dict[str, str] | None = None) -> None:
+        self.home = home
+        self.workroot = make_workroot()
+        self.env = {
+            **os.environ,
+            "SKYPORT_HOME": str(home),
+            "SKYPORT_LOCAL__WORKROOT": str(self.workroot),
+            "SKYPORT_LOCAL__DEFAULT_USER": "nobody",
+            "SKYPORT_LOCAL__CANCEL_GRACE_S": "2",
+            "SKYPORT_SCHEDULER_INTERVAL_S": "0.5",
+            **(env or {}),
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+        self.log_path = home / "core.log"
+        asyncio.run(init_home(Settings(home=home)))
+        self.users: dict[str, User] = {"admin": self._user("admin")}
+
+    def _user(self, name: str) -> User:
+        bundle = self.home / "users" / name
+        config = ClientConfig(url="", cert=bundle / "cert.pem", key=bundle / "key.pem", ca=bundle / "ca.pem")
+        return User(name, config)
+
+    def start(self) -> None:
+        ready = self.home / "run" / "server.json"
+        ready.unlink(missing_ok=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child, closed with it
+        self.proc = subprocess.Popen(
+            [str(VENV_BIN / "skyport"), "server", "--port", "0"],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+
+        def _ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"the core exited with {self.proc.returncode}:\n{self.log()}")
+            return ready.exists()
+
+        wait_for(_ready, STARTUP_TIMEOUT_S, "the core to listen")
+        self.url = json.loads(ready.read_text())["url"]
+        for user in self.users.values():
+            user.config = ClientConfig(
+                url=self.url, cert=user.config.cert, key=user.config.key, ca=user.config.ca
+            )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def add_user(self, name: str, *, admin: bool = False, swm_dir: Path | None = None) -> User:
+        asyncio.run(add_user(Settings(home=self.home), name, admin=admin, swm_dir=swm_dir))
+        user = self._user(name)
+        if self.url:
+            user.config = ClientConfig(
+                url=self.url, cert=user.config.cert, key=user.config.key, ca=user.config.ca
+            )
+        self.users[name] = user
+        return user
+
+    def client(self, name: str = "admin") -> Client:
+        return self.users[name].client()
+
+    def kill(self) -> None:
+        """``kill -9``: no shutdown code of the core runs."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.workroot, ignore_errors=True)
