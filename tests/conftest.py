@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.core import CoreProcess
+from tests.support.postgres import PostgresServer
 
 
 @pytest.fixture
@@ -30,3 +31,23 @@ def shared_core(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CoreProces
         yield process
     finally:
         process.cleanup()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server for the whole session (started only if a test asks for it)."""
+    server = PostgresServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty database on each backend the store supports."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'store.db'}"
+    server: PostgresServer = request.getfixturevalue("postgres")
+    return server.create_database()
