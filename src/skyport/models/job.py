@@ -115,7 +115,7 @@ class JobSpec(BaseModel):
             raise ValueError("'command' must name a program to run")
         if self.script is not None and len(self.script.encode()) > MAX_SCRIPT_BYTES:
             raise ValueError(f"the script is larger than {MAX_SCRIPT_BYTES} bytes")
-        if "\\u0000" in self.model_dump_json():  # JSON escapes NUL as \u0000
+        if any("\x00" in text for text in self._texts()):
             raise ValueError("the job contains a NUL character")
         seen: dict[int, str] = {}
         for port in self.ports:
@@ -123,6 +123,29 @@ class JobSpec(BaseModel):
                 raise ValueError(f"port {port.port} is given twice ({seen[port.port]} and {port.direction})")
             seen[port.port] = port.direction
         return self
+
+    def _texts(self) -> list[str]:
+        """Every free text of the spec (where a NUL byte could hide)."""
+        texts = [self.name, self.comment, self.script or "", *(self.command or [])]
+        texts += [
+            v
+            for v in (
+                self.account,
+                self.remote,
+                self.flavor,
+                self.cloud_image,
+                self.container_image,
+                self.submission_address,
+                self.workdir,
+                self.storage,
+                self.stdin,
+                self.stdout,
+                self.stderr,
+            )
+            if v
+        ]
+        texts += [*self.env.keys(), *self.env.values(), *self.input_files, *self.output_files]
+        return texts
 
     @field_validator("depends")
     @classmethod

@@ -41,7 +41,8 @@ class Authenticator:
     def __init__(self, store: Store, clock: Clock) -> None:
         self._store = store
         self._clock = clock
-        self._cache: dict[int, tuple[float, Principal]] = {}
+        # Keyed by the certificate's DER bytes: a hit costs a dict lookup, not an X.509 parse.
+        self._cache: dict[bytes, tuple[float, Principal]] = {}
 
     def forget(self) -> None:
         """Drop every cached identity (after a revocation or a role change)."""
@@ -54,13 +55,13 @@ class Authenticator:
                 401,
                 "a client certificate is required: create one with `skyport user add NAME` on the core host",
             )
+        now = self._clock.monotonic()
+        cached = self._cache.get(der)
+        if cached is not None and cached[0] > now:
+            return cached[1]
         identity = identity_from_certificate(der)
         if identity is None:
             raise AuthError(401, "the client certificate does not name a Sky Port user")
-        cached = self._cache.get(identity.serial)
-        now = self._clock.monotonic()
-        if cached is not None and cached[0] > now:
-            return cached[1]
         async with self._store.read() as conn:
             record = await user_store.get_certificate(conn, identity.serial)
             user = await user_store.get_user(conn, user_id=identity.user_id)
@@ -71,7 +72,9 @@ class Authenticator:
                 401, "the client certificate has been revoked: ask an administrator for a new one"
             )
         principal = Principal(user=user, via="certificate")
-        self._cache[identity.serial] = (now + CACHE_SECONDS, principal)
+        if len(self._cache) > 10_000:  # bounded: certificates are few, but never grow without limit
+            self._cache.clear()
+        self._cache[der] = (now + CACHE_SECONDS, principal)
         return principal
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import uuid
 
-from fastapi import HTTPException, Request
+from fastapi import HTTPException, Request, Response
+from pydantic import BaseModel
 
 from skyport.server.auth import Principal
 from skyport.server.core import Core
@@ -26,3 +27,8 @@ def check_job_id(job_id: str) -> str:
         return str(uuid.UUID(job_id))
     except ValueError:
         raise HTTPException(400, f"{job_id!r} is not a job id (job ids are UUIDs)") from None
+
+
+def model_response(model: BaseModel, status_code: int = 200) -> Response:
+    """A model as JSON, serialised once by pydantic (FastAPI would validate it again first)."""
+    return Response(model.model_dump_json(), status_code=status_code, media_type="application/json")

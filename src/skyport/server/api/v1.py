@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse, StreamingResponse
 
 from skyport.models import Event, Flavor, Image, Job, JobState, Node, Page, Remote, User
-from skyport.server.api.deps import check_job_id, get_core, get_principal
+from skyport.server.api.deps import check_job_id, get_core, get_principal, model_response
 from skyport.server.api.submission import read_submission
 from skyport.server.auth import Principal, owner_filter, require_admin
 from skyport.server.core import Core
@@ -55,10 +55,10 @@ async def _job(core: Core, principal: Principal, job_id: str) -> Job:
         }
     },
 )
-async def submit(request: Request, core: CoreDep, principal: PrincipalDep) -> Job:
+async def submit(request: Request, core: CoreDep, principal: PrincipalDep) -> Response:
     """A JobSpec as JSON, a job script as text, or multipart with ``spec``/``script`` and ``input`` files."""
     spec, uploads = await read_submission(request, limit=core.settings.max_upload_bytes)
-    return await core.intake.submit(principal.user, spec, uploads)
+    return model_response(await core.intake.submit(principal.user, spec, uploads), status_code=201)
 
 
 @router.get("/jobs", response_model=Page[Job], summary="List jobs")
@@ -70,7 +70,7 @@ async def list_jobs(
     user: Annotated[str | None, Query(description="only this user's jobs (admins)")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     after: Annotated[str | None, Query(description="the 'next' cursor of the previous page")] = None,
-) -> Page[Job]:
+) -> Response:
     flt = job_store.JobFilter(
         owner_id=owner_filter(principal), states=frozenset(state or ()), name=name, owner_name=user
     )
@@ -79,12 +79,12 @@ async def list_jobs(
             items, nxt = await job_store.list_jobs(conn, flt, limit=limit, after=after)
     except ValueError as exc:
         raise HTTPException(400, str(exc)) from exc
-    return Page[Job](items=items, next=nxt)
+    return model_response(Page[Job](items=items, next=nxt))
 
 
 @router.get("/jobs/{job_id}", response_model=Job, summary="Get a job")
-async def get_job(job_id: str, core: CoreDep, principal: PrincipalDep) -> Job:
-    return await _job(core, principal, job_id)
+async def get_job(job_id: str, core: CoreDep, principal: PrincipalDep) -> Response:
+    return model_response(await _job(core, principal, job_id))
 
 
 @router.get("/jobs/{job_id}/wait", response_model=Job, summary="Wait until a job ends (long poll)")

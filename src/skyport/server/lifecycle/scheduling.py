@@ -26,11 +26,16 @@ from skyport.server.store.tables import jobs, nodes
 
 log = structlog.get_logger(__name__)
 
-#: Queued jobs considered per pass. FCFS stops at the first that does not fit, so more would be wasted.
-PASS_LIMIT = 5000
+#: Queued jobs read per pass, from the head of the queue: few while the head is blocked (FCFS starts
+#: nothing behind it, so reading further would only cost time), growing while whole pages get placed.
+MIN_PAGE = 64
+MAX_PAGE = 4096
+#: Shortest time between two passes. Submissions arrive far faster than placements matter; one pass
+#: per few milliseconds serves them all in batches instead of one pass per submission.
+MIN_PASS_INTERVAL_S = 0.02
 
 
-async def _snapshot(conn: AsyncConnection) -> tuple[Snapshot, dict[str, Any], dict[str, Any]]:
+async def _snapshot(conn: AsyncConnection, page: int) -> tuple[Snapshot, dict[str, Any], dict[str, Any]]:
     node_rows = {
         r.id: r
         for r in await conn.execute(
@@ -75,11 +80,11 @@ async def _snapshot(conn: AsyncConnection) -> tuple[Snapshot, dict[str, Any], di
             jobs.c.submit_time,
             jobs.c.requested_remote_id,
             jobs.c.reason,
-            jobs.c.spec,
+            jobs.c.labels,
         )
         .where(jobs.c.state == JobState.QUEUED.value)
         .order_by(jobs.c.priority.desc(), jobs.c.seq.asc())
-        .limit(PASS_LIMIT)
+        .limit(page)
     )
     pending_rows = {r.id: r for r in queued}
     pending = tuple(
@@ -93,7 +98,7 @@ async def _snapshot(conn: AsyncConnection) -> tuple[Snapshot, dict[str, Any], di
             gpus=r.gpus,
             submit_time=r.submit_time,
             remote_id=r.requested_remote_id,
-            labels=tuple(sorted((r.spec.get("labels") or {}).items())),
+            labels=tuple(sorted(r.labels.items())),
         )
         for r in pending_rows.values()
     )
@@ -119,6 +124,7 @@ class SchedulerLoop:
         self._notifier = notifier
         self._interval = interval_s
         self._on_placed = on_placed
+        self._page = MIN_PAGE
 
     async def run(self) -> None:
         while True:
@@ -128,17 +134,23 @@ class SchedulerLoop:
                 raise
             except Exception:
                 log.exception("scheduler pass failed; retrying on the next wakeup")
+            await asyncio.sleep(MIN_PASS_INTERVAL_S)  # rate limit, not synchronisation
             await self.wakeup.wait(self._interval)
 
     async def pass_once(self) -> Plan:
         started = self._clock.monotonic()
         async with self._store.read() as conn:
-            snapshot, node_rows, pending_rows = await _snapshot(conn)
+            snapshot, node_rows, pending_rows = await _snapshot(conn, self._page)
         if not snapshot.jobs:
             return Plan()
         now = self._clock.now()
         decided = plan(snapshot, now)
         await self._record(decided, node_rows, pending_rows)
+        if decided.waits or len(snapshot.jobs) < self._page:
+            self._page = MIN_PAGE
+        else:  # the whole page went: more may fit, look again at once with a larger page
+            self._page = min(self._page * 4, MAX_PAGE)
+            self.wakeup.ring()
         self._metrics.scheduler_pass.observe(self._clock.monotonic() - started)
         if decided.placements:
             self._on_placed.ring()
@@ -176,11 +188,16 @@ class SchedulerLoop:
                     values={"end_time": now},
                 )
             )
-        waits = [w for w in decided.waits if pending_rows[w.job_id].reason != w.reason]
+        waits: dict[tuple[str, str], list[str]] = defaultdict(list)
+        for w in decided.waits:
+            if pending_rows[w.job_id].reason != w.reason:
+                waits[(w.reason, w.message)].append(w.job_id)
+        if not changes and not waits:
+            return
         async with self._store.write() as conn:
             applied = await job_store.transition(conn, changes, now)
-            for w in waits:
-                await job_store.set_flags(conn, w.job_id, reason=w.reason, state_details=w.message)
+            for (reason, message), ids in waits.items():
+                await job_store.set_wait_reason(conn, ids, reason, message)
         for change in applied:
             self._notifier.changed(change.job_id)
             if change.to_state is JobState.SCHEDULED:

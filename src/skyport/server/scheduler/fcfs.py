@@ -42,8 +42,7 @@ class _Free:
 def _eligible(job: PendingJob, node: NodeCapacity) -> bool:
     if job.remote_id is not None and job.remote_id != node.remote_id:
         return False
-    node_labels = dict(node.labels)
-    return all(node_labels.get(k) == v for k, v in job.labels)
+    return not job.labels or set(job.labels) <= set(node.labels)
 
 
 def _could_ever_fit(job: PendingJob, nodes: tuple[NodeCapacity, ...]) -> str | None:

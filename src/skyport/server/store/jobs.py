@@ -65,6 +65,7 @@ def _row_values(job: NewJob) -> dict[str, Any]:
         "gpus": spec.gpus,
         "node_count": spec.nodes,
         "walltime": job.walltime,
+        "labels": spec.labels,
         "requested_remote_id": job.remote_id,
         "remote_id": None,
         "node_ids": [],
@@ -180,6 +181,15 @@ def requeue_values(attempt: int) -> dict[str, Any]:
         "exit_code": None,
         "signal": None,
     }
+
+
+async def set_wait_reason(conn: AsyncConnection, job_ids: Sequence[str], reason: str, message: str) -> None:
+    """Why queued jobs wait (not a state change, so no event): one statement for many jobs."""
+    await conn.execute(
+        update(jobs)
+        .where(jobs.c.id.in_(job_ids), jobs.c.state == JobState.QUEUED.value)
+        .values(reason=reason, state_details=message)
+    )
 
 
 async def set_flags(conn: AsyncConnection, job_id: str, **values: Any) -> bool:

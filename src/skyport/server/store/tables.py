@@ -184,6 +184,7 @@ jobs = Table(
     Column("gpus", Integer, nullable=False),
     Column("node_count", Integer, nullable=False),
     Column("walltime", Integer, nullable=True),
+    Column("labels", JSON, nullable=False),  # placement constraints, read by the scheduler
     # The remote the user asked for (None: any); remote_id is where the job was placed.
     Column("requested_remote_id", String(36), ForeignKey("remotes.id"), nullable=True),
     Column("remote_id", String(36), ForeignKey("remotes.id"), nullable=True),
@@ -202,8 +203,9 @@ jobs = Table(
     Column("exit_code", Integer, nullable=True),
     Column("signal", Integer, nullable=True),
     Column("updated_at", UTCDateTime, nullable=False),
-    Index("ix_jobs_state_order", "state", "priority", "seq"),
 )
+# The queue in scheduling order (priority first, then first come): the scheduler reads its head.
+Index("ix_jobs_queue", jobs.c.state, jobs.c.priority.desc(), jobs.c.seq)
 
 job_files = Table(
     "job_files",

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-23 05:43:03.077652
+Create Date: 2026-11-23 05:53:26.246985
 """
 
 from collections.abc import Sequence
@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 import skyport.server.store.tables
+
 
 revision: str = "0001"
 down_revision: str | None = None
@@ -131,6 +132,7 @@ def upgrade() -> None:
         sa.Column("gpus", sa.Integer(), nullable=False),
         sa.Column("node_count", sa.Integer(), nullable=False),
         sa.Column("walltime", sa.Integer(), nullable=True),
+        sa.Column("labels", sa.JSON(), nullable=False),
         sa.Column("requested_remote_id", sa.String(length=36), nullable=True),
         sa.Column("remote_id", sa.String(length=36), nullable=True),
         sa.Column("node_ids", sa.JSON(), nullable=False),
@@ -158,7 +160,9 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_jobs_owner_id"), ["owner_id"], unique=False)
-        batch_op.create_index("ix_jobs_state_order", ["state", "priority", "seq"], unique=False)
+        batch_op.create_index(
+            "ix_jobs_queue", ["state", sa.literal_column("priority DESC"), "seq"], unique=False
+        )
 
     op.create_table(
         "partitions",
@@ -247,7 +251,7 @@ def downgrade() -> None:
     op.drop_table("events")
     op.drop_table("partitions")
     with op.batch_alter_table("jobs", schema=None) as batch_op:
-        batch_op.drop_index("ix_jobs_state_order")
+        batch_op.drop_index("ix_jobs_queue")
         batch_op.drop_index(batch_op.f("ix_jobs_owner_id"))
 
     op.drop_table("jobs")
