@@ -7,14 +7,17 @@ import sys
 from typing import Any, NoReturn
 
 from rich.console import Console
+from rich.markup import escape
 
-err_console = Console(stderr=True)
+# soft_wrap: messages are not broken at the terminal width (and not at 80 columns when piped).
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def fail(message: str, *, hint: str | None = None, code: int = 1) -> NoReturn:
-    err_console.print(f"[bold red]error:[/bold red] {message}")
+    """Print an error (and what to do next) and exit. The texts are shown as they are, never as markup."""
+    err_console.print(f"[bold red]error:[/bold red] {escape(message)}")
     if hint:
-        err_console.print(f"[dim]→ {hint}[/dim]")
+        err_console.print(f"[dim]→ {escape(hint)}[/dim]")
     raise SystemExit(code)
 
 

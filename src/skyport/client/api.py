@@ -86,9 +86,13 @@ def _connection_failed(url: str, exc: httpx.HTTPError) -> ConnectionFailed:
     return ConnectionFailed(f"cannot talk to the core at {url}: {exc} — {hint}")
 
 
-def _submit_call(
-    spec: JobSpec | None, script: str | None, inputs: Sequence[Path], name: str | None = None
-) -> _Call:
+def upload_name(path: Path) -> str:
+    """The name an input file has in the job's working directory: the relative path as given (so
+    ``--input data/x.csv`` matches ``#SWM input-files data/x.csv``), else the file's own name."""
+    return path.as_posix() if not path.is_absolute() and ".." not in path.parts else path.name
+
+
+def _submit_call(spec: JobSpec | None, script: str | None, inputs: Sequence[Path]) -> _Call:
     if (spec is None) == (script is None):
         raise ValueError("give a spec or a script")
     if not inputs:
@@ -96,7 +100,7 @@ def _submit_call(
             return _Call("POST", "/api/v1/jobs", json=spec.model_dump(mode="json", exclude_defaults=True))
         return _Call("POST", "/api/v1/jobs", content=(script or "").encode())
     fields = {"spec": spec.model_dump_json(exclude_defaults=True)} if spec else {"script": script or ""}
-    files = [("input", (p.name, p.open("rb"))) for p in inputs]
+    files = [("input", (upload_name(p), p.open("rb"))) for p in inputs]
     return _Call("POST", "/api/v1/jobs", data=fields, files=files)  # type: ignore[arg-type]
 
 
@@ -206,15 +210,18 @@ class Client:
     def download(self, job_id: str, name: str, target: Path) -> int:
         """Save one output file to ``target``, streamed; returns its size."""
         size = 0
-        with self._http.stream("GET", f"/api/v1/jobs/{job_id}/outputs/{name}") as r:
-            if not r.is_success:
-                r.read()
-                _check(r)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with open(target, "wb") as out:
-                for chunk in r.iter_bytes():
-                    out.write(chunk)
-                    size += len(chunk)
+        try:
+            with self._http.stream("GET", f"/api/v1/jobs/{job_id}/outputs/{name}") as r:
+                if not r.is_success:
+                    r.read()
+                    _check(r)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with open(target, "wb") as out:
+                    for chunk in r.iter_bytes():
+                        out.write(chunk)
+                        size += len(chunk)
+        except httpx.HTTPError as exc:
+            raise _connection_failed(self.config.url, exc) from exc
         return size
 
     def nodes(self) -> list[Node]:
@@ -321,6 +328,19 @@ class AsyncClient:
 
     async def nodes(self) -> list[Node]:
         return (await self._model(Page[Node], _Call("GET", "/api/v1/nodes"))).items
+
+    async def flavors(self) -> list[Flavor]:
+        return (await self._model(Page[Flavor], _Call("GET", "/api/v1/flavors"))).items
+
+    async def images(self) -> list[Image]:
+        return (await self._model(Page[Image], _Call("GET", "/api/v1/images"))).items
+
+    async def remotes(self) -> list[Remote]:
+        return (await self._model(Page[Remote], _Call("GET", "/api/v1/remotes"))).items
+
+    async def outputs(self, job_id: str) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = (await self._do(_Call("GET", f"/api/v1/jobs/{job_id}/outputs"))).json()
+        return result
 
     async def whoami(self) -> User:
         return await self._model(User, _Call("GET", "/api/v1/whoami"))

@@ -92,15 +92,14 @@ async def issue_user_bundle(
     key = generate_key()
     cert = ca.issue_user(user.id, user.name, key.public_key(), days=USER_CERT_DAYS)
     now = clock.now()
-    async with store.write() as conn:
-        await user_store.record_certificate(
-            conn,
-            serial=cert.serial_number,
-            user_id=user.id,
-            fingerprint=hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest(),
-            issued=now,
-            expires=now + timedelta(days=USER_CERT_DAYS),
-        )
+    await store.write(
+        user_store.record_certificate,
+        serial=cert.serial_number,
+        user_id=user.id,
+        fingerprint=hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest(),
+        issued=now,
+        expires=now + timedelta(days=USER_CERT_DAYS),
+    )
     directory = user_dir(settings.home, user.name)
     cert_pem, key_pem = cert_to_pem(cert), key_to_pem(key)
     _write_bundle(directory, cert_pem, key_pem, ca.cert_pem, ca_name="ca.pem")
@@ -123,8 +122,7 @@ async def add_user(
     store = Store(settings.store_url)
     try:
         await store.migrate()
-        async with store.write() as conn:
-            user = await user_store.add_user(conn, name, admin=admin, now=clock.now())
+        user = await store.write(user_store.add_user, name, admin=admin, now=clock.now())
         return await issue_user_bundle(settings, store, clock, user, swm_dir=swm_dir)
     finally:
         await store.close()
@@ -163,11 +161,9 @@ async def init_home(settings: Settings, *, port: int | None = None, clock: Clock
     store = Store(settings.store_url)
     try:
         await store.migrate()
-        async with store.read() as conn:
-            admin = await user_store.get_user(conn, name=ADMIN_USER)
+        admin = await store.read(user_store.get_user, name=ADMIN_USER)
         if admin is None:
-            async with store.write() as conn:
-                admin = await user_store.add_user(conn, ADMIN_USER, admin=True, now=clock.now())
+            admin = await store.write(user_store.add_user, ADMIN_USER, admin=True, now=clock.now())
         if not (user_dir(home, ADMIN_USER) / "cert.pem").exists():
             await issue_user_bundle(settings, store, clock, admin)
             created.append(f"admin user with certificate in {user_dir(home, ADMIN_USER)}")

@@ -8,8 +8,11 @@ the cache at once.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from sqlalchemy import Connection
 
 from skyport.models import User
 from skyport.pki import identity_from_certificate
@@ -48,7 +51,7 @@ class Authenticator:
         """Drop every cached identity (after a revocation or a role change)."""
         self._cache.clear()
 
-    async def authenticate(self, scope: dict[str, Any]) -> Principal:
+    async def authenticate(self, scope: Mapping[str, Any]) -> Principal:
         der = peer_certificate(scope)
         if der is None:
             raise AuthError(
@@ -62,9 +65,7 @@ class Authenticator:
         identity = identity_from_certificate(der)
         if identity is None:
             raise AuthError(401, "the client certificate does not name a Sky Port user")
-        async with self._store.read() as conn:
-            record = await user_store.get_certificate(conn, identity.serial)
-            user = await user_store.get_user(conn, user_id=identity.user_id)
+        record, user = await self._store.read(_certificate_and_user, identity.serial, identity.user_id)
         if record is None or user is None or record.user_id != identity.user_id:
             raise AuthError(401, "the client certificate is not registered with this core")
         if record.revoked:
@@ -76,6 +77,12 @@ class Authenticator:
             self._cache.clear()
         self._cache[der] = (now + CACHE_SECONDS, principal)
         return principal
+
+
+def _certificate_and_user(
+    conn: Connection, serial: int, user_id: str
+) -> tuple[user_store.CertificateRecord | None, User | None]:
+    return user_store.get_certificate(conn, serial), user_store.get_user(conn, user_id=user_id)
 
 
 # -- policy ------------------------------------------------------------------------------------------

@@ -6,7 +6,11 @@ and an event; the execution loop stops it and records the end (exactly once, thr
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from datetime import datetime
 from typing import Any
+
+from sqlalchemy import Connection
 
 from skyport.models import Job, JobState
 from skyport.models.job import ACTIVE_STATES, TERMINAL_STATES
@@ -18,6 +22,64 @@ from skyport.server.store import users as user_store
 from skyport.server.store.engine import Store
 
 
+def _visible_row(conn: Connection, principal: Principal, job_id: str) -> Any:
+    row = job_store.get_job_row(conn, job_id)
+    if row is None:
+        return None
+    owner = user_store.get_user(conn, user_id=row.owner_id)
+    return row if owner is not None and may_see_job(principal, owner.name) else None
+
+
+def _cancel(conn: Connection, principal: Principal, job_id: str, now: datetime) -> bool:
+    """Cancel a queued job now, or ask the execution loop to stop an active one. False: not visible."""
+    row = _visible_row(conn, principal, job_id)
+    if row is None:
+        return False
+    who = principal.user.name
+    state = JobState(row.state)
+    if state is JobState.QUEUED:
+        change = job_store.StateChange(
+            job_id,
+            JobState.CANCELED,
+            "canceled",
+            f"Canceled by {who}",
+            frozenset({JobState.QUEUED}),
+            {"end_time": now, "canceled_by": who},
+        )
+        job_store.transition(conn, [change], now)
+    elif state in ACTIVE_STATES and not row.cancel_requested:
+        job_store.set_flags(conn, job_id, cancel_requested=True, canceled_by=who)
+        job_store.add_event(
+            conn, job_id, row.attempt, state, "cancel_requested", f"Cancel requested by {who}", now
+        )
+    return True
+
+
+def _requeue(conn: Connection, principal: Principal, job_id: str, now: datetime) -> bool:
+    """Queue a finished job's next attempt now, or ask the execution loop to stop an active one first."""
+    row = _visible_row(conn, principal, job_id)
+    if row is None:
+        return False
+    who = principal.user.name
+    state = JobState(row.state)
+    if state in TERMINAL_STATES:
+        change = job_store.StateChange(
+            job_id,
+            JobState.QUEUED,
+            "requeued",
+            f"Requeued by {who}: attempt {row.attempt + 1} is waiting to be scheduled",
+            TERMINAL_STATES,
+            job_store.requeue_values(row.attempt),
+        )
+        job_store.transition(conn, [change], now)
+    elif state in ACTIVE_STATES and not row.requeue_requested:
+        job_store.set_flags(conn, job_id, requeue_requested=True, canceled_by=who)
+        job_store.add_event(
+            conn, job_id, row.attempt, state, "requeue_requested", f"Requeue requested by {who}", now
+        )
+    return True
+
+
 class JobControl:
     def __init__(
         self,
@@ -25,90 +87,30 @@ class JobControl:
         clock: Clock,
         notifier: JobNotifier,
         *,
-        wake_scheduler: Wakeup,
+        on_change: Callable[[], None],
         wake_execution: Wakeup,
     ) -> None:
         self._store = store
         self._clock = clock
         self._notifier = notifier
-        self._wake_scheduler = wake_scheduler
+        self._on_change = on_change
         self._wake_execution = wake_execution
 
     async def get(self, principal: Principal, job_id: str) -> Job | None:
         """The job if it exists and the principal may see it; None otherwise (the API says 404 for both)."""
-        async with self._store.read() as conn:
-            job = await job_store.get_job(conn, job_id)
+        job = await self._store.read(job_store.get_job, job_id)
         return job if job is not None and may_see_job(principal, job.owner) else None
 
-    async def _visible_row(self, conn: Any, principal: Principal, job_id: str) -> Any:
-        row = await job_store.get_job_row(conn, job_id)
-        if row is None:
-            return None
-        owner = await user_store.get_user(conn, user_id=row.owner_id)
-        return row if owner is not None and may_see_job(principal, owner.name) else None
-
     async def cancel(self, principal: Principal, job_id: str) -> Job | None:
-        who = principal.user.name
-        now = self._clock.now()
-        async with self._store.write() as conn:
-            row = await self._visible_row(conn, principal, job_id)
-            if row is None:
-                return None
-            state = JobState(row.state)
-            if state is JobState.QUEUED:
-                await job_store.transition(
-                    conn,
-                    [
-                        job_store.StateChange(
-                            job_id,
-                            JobState.CANCELED,
-                            "canceled",
-                            f"Canceled by {who}",
-                            frozenset({JobState.QUEUED}),
-                            {"end_time": now, "canceled_by": who},
-                        )
-                    ],
-                    now,
-                )
-            elif state in ACTIVE_STATES and not row.cancel_requested:
-                await job_store.set_flags(conn, job_id, cancel_requested=True, canceled_by=who)
-                await job_store.add_event(
-                    conn, job_id, row.attempt, state, "cancel_requested", f"Cancel requested by {who}", now
-                )
-        self._notifier.changed(job_id)
-        self._wake_execution.ring()
-        self._wake_scheduler.ring()
-        return await self.get(principal, job_id)
+        return await self._act(_cancel, principal, job_id)
 
     async def requeue(self, principal: Principal, job_id: str) -> Job | None:
-        who = principal.user.name
-        now = self._clock.now()
-        async with self._store.write() as conn:
-            row = await self._visible_row(conn, principal, job_id)
-            if row is None:
-                return None
-            state = JobState(row.state)
-            if state in TERMINAL_STATES:
-                await job_store.transition(
-                    conn,
-                    [
-                        job_store.StateChange(
-                            job_id,
-                            JobState.QUEUED,
-                            "requeued",
-                            f"Requeued by {who}: attempt {row.attempt + 1} is waiting to be scheduled",
-                            TERMINAL_STATES,
-                            job_store.requeue_values(row.attempt),
-                        )
-                    ],
-                    now,
-                )
-            elif state in ACTIVE_STATES and not row.requeue_requested:
-                await job_store.set_flags(conn, job_id, requeue_requested=True, canceled_by=who)
-                await job_store.add_event(
-                    conn, job_id, row.attempt, state, "requeue_requested", f"Requeue requested by {who}", now
-                )
+        return await self._act(_requeue, principal, job_id)
+
+    async def _act(self, action: Any, principal: Principal, job_id: str) -> Job | None:
+        if not await self._store.write(action, principal, job_id, self._clock.now()):
+            return None
         self._notifier.changed(job_id)
         self._wake_execution.ring()
-        self._wake_scheduler.ring()
+        self._on_change()
         return await self.get(principal, job_id)

@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from datetime import datetime
 
 import structlog
+from sqlalchemy import Connection
 
 from skyport.gates.base import ExecutorGate
 from skyport.gates.local import LocalGate
@@ -47,7 +49,15 @@ class Core:
         self.gates: dict[str, ExecutorGate] = {}
         self.auth = Authenticator(self.store, self.clock)
         # The loops wake each other: a placement wakes execution, an end wakes the scheduler.
-        scheduler_wakeup, execution_wakeup = Wakeup(), Wakeup()
+        execution_wakeup = Wakeup()
+        self.scheduler = SchedulerLoop(
+            self.store,
+            self.clock,
+            self.metrics,
+            self.notifier,
+            interval_s=settings.scheduler_interval_s,
+            on_placed=execution_wakeup,
+        )
         self.execution = ExecutionLoop(
             self.store,
             self.clock,
@@ -58,25 +68,16 @@ class Core:
             cancel_grace_s=settings.local.cancel_grace_s,
             interval_s=settings.scheduler_interval_s,
             wakeup=execution_wakeup,
-            on_finished=scheduler_wakeup,
-        )
-        self.scheduler = SchedulerLoop(
-            self.store,
-            self.clock,
-            self.metrics,
-            self.notifier,
-            interval_s=settings.scheduler_interval_s,
-            wakeup=scheduler_wakeup,
-            on_placed=execution_wakeup,
+            on_finished=self.scheduler.capacity_changed,
         )
         self.intake = Intake(
-            self.store, self.clock, self.spool, self.metrics, settings, self.scheduler.wakeup
+            self.store, self.clock, self.spool, self.metrics, settings, on_submit=self.scheduler.submitted
         )
         self.control = JobControl(
             self.store,
             self.clock,
             self.notifier,
-            wake_scheduler=self.scheduler.wakeup,
+            on_change=self.scheduler.capacity_changed,
             wake_execution=self.execution.wakeup,
         )
         self.outputs = JobOutputs(self.store, self.spool, self.gates, self.notifier)
@@ -97,22 +98,12 @@ class Core:
             return
         workroot = self.settings.local.workroot or self.settings.home / "work"
         gate = LocalGate(self.settings.local, workroot)
-        now = self.clock.now()
-        async with self.store.write() as conn:
-            remote_id = await infra_store.ensure_remote(
-                conn, name=LOCAL_REMOTE, kind="local", server=socket.getfqdn(), settings={}, now=now
-            )
-            partition_id = await infra_store.ensure_static_partition(
-                conn, remote_id=remote_id, name=LOCAL_REMOTE, now=now
-            )
-            for node in gate.nodes(remote_id, partition_id):
-                await infra_store.upsert_node(conn, node, now)
+        remote_id = await self.store.write(_register_static_remote, gate, LOCAL_REMOTE, self.clock.now())
         self.gates[remote_id] = gate
         self._local = gate
 
     async def jobs_by_state(self) -> dict[str, int]:
-        async with self.store.read() as conn:
-            return await job_store.count_by_state(conn)
+        return await self.store.read(job_store.count_by_state)
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -124,3 +115,14 @@ class Core:
         if self._local is not None:
             self._local.close()
         await self.store.close()
+
+
+def _register_static_remote(conn: Connection, gate: ExecutorGate, name: str, now: datetime) -> str:
+    """Record a remote with one static partition and the nodes its gate offers; returns its id."""
+    remote_id = infra_store.ensure_remote(
+        conn, name=name, kind=gate.kind, server=socket.getfqdn(), settings={}, now=now
+    )
+    partition_id = infra_store.ensure_static_partition(conn, remote_id=remote_id, name=name, now=now)
+    for node in gate.nodes(remote_id, partition_id):
+        infra_store.upsert_node(conn, node, now)
+    return remote_id

@@ -10,14 +10,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from skyport.models import Job, JobSpec, JobState, User
+from sqlalchemy import Connection
+
+from skyport.models import Flavor, Image, Job, JobSpec, JobState, Remote, User
 from skyport.server.clock import Clock
-from skyport.server.lifecycle.wakeup import Wakeup
+from skyport.server.ids import IdSource
 from skyport.server.metrics import Metrics
 from skyport.server.settings import Settings
 from skyport.server.spool import Spool
@@ -74,8 +75,7 @@ class _GroupCommit:
 
     async def _write(self, batch: list[tuple[job_store.NewJob, asyncio.Future[None]]]) -> None:
         try:
-            async with self._store.write() as conn:
-                await job_store.insert_jobs(conn, [j for j, _ in batch])
+            await self._store.write(job_store.insert_jobs, [j for j, _ in batch])
         except Exception as exc:  # every waiter learns the commit failed
             for _, fut in batch:
                 if not fut.done():
@@ -94,7 +94,8 @@ class Intake:
         spool: Spool,
         metrics: Metrics,
         settings: Settings,
-        on_submit: Wakeup,
+        *,
+        on_submit: Callable[[int], None],
     ) -> None:
         self._store = store
         self._clock = clock
@@ -103,6 +104,7 @@ class Intake:
         self._settings = settings
         self._on_submit = on_submit
         self._commit = _GroupCommit(store)
+        self._ids = IdSource()
         # Names resolve rarely change; look them up once per name, not per submission.
         self._accounts: dict[str, str] = {}
 
@@ -115,7 +117,7 @@ class Intake:
             raise
         self._metrics.submitted.inc()
         self._metrics.submit_latency.observe(self._clock.monotonic() - started)
-        self._on_submit.ring()
+        self._on_submit(spec.priority)
         return job
 
     async def _submit(self, user: User, spec: JobSpec, uploads: Sequence[Upload]) -> Job:
@@ -139,7 +141,7 @@ class Intake:
         if not spec.name:
             spec = spec.model_copy(update={"name": default_name(spec)})
 
-        job_id = str(uuid.uuid4())
+        job_id = self._ids.new()
         now = self._clock.now()
         try:
             files = await self._keep_uploads(job_id, uploads)
@@ -174,8 +176,7 @@ class Intake:
             choices = ", ".join(user.accounts) or "none"
             raise SubmissionError(f"unknown account {name!r} for user {user.name}: use one of {choices}")
         if name not in self._accounts:
-            async with self._store.read() as conn:
-                account_id = await user_store.account_id_by_name(conn, name)
+            account_id = await self._store.read(user_store.account_id_by_name, name)
             if account_id is None:
                 raise SubmissionError(f"unknown account {name!r}")
             self._accounts[name] = account_id
@@ -184,10 +185,7 @@ class Intake:
     async def _remote_id(self, spec: JobSpec) -> str | None:
         if spec.remote is None and spec.flavor is None and spec.cloud_image is None:
             return None
-        async with self._store.read() as conn:
-            remote = await infra_store.get_remote(conn, name=spec.remote) if spec.remote else None
-            flavors = await infra_store.list_flavors(conn) if spec.flavor else []
-            images = await infra_store.list_images(conn) if spec.cloud_image else []
+        remote, flavors, images = await self._store.read(_catalog_for, spec)
         if spec.remote and remote is None:
             raise SubmissionError(
                 f"unknown remote {spec.remote!r}: see `skyport remotes` for the ones configured"
@@ -244,6 +242,14 @@ class Intake:
                     await asyncio.to_thread(out.write, chunk)
             kept.append((name, size, digest.hexdigest()))
         return kept
+
+
+def _catalog_for(conn: Connection, spec: JobSpec) -> tuple[Remote | None, list[Flavor], list[Image]]:
+    """The remote, flavors and images a spec names (only what it names is read)."""
+    remote = infra_store.get_remote(conn, name=spec.remote) if spec.remote else None
+    flavors = infra_store.list_flavors(conn) if spec.flavor else []
+    images = infra_store.list_images(conn) if spec.cloud_image else []
+    return remote, flavors, images
 
 
 def default_name(spec: JobSpec) -> str:

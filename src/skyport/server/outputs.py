@@ -45,8 +45,7 @@ class JobOutputs:
         self._notifier = notifier
 
     async def log_path(self, job_id: str, stream: str) -> Path | None:
-        async with self._store.read() as conn:
-            row = await job_store.get_job_row(conn, job_id)
+        row = await self._store.read(job_store.get_job_row, job_id)
         if row is None or not row.handle:
             return None
         gate = self._gates.get(row.remote_id)
@@ -69,8 +68,7 @@ class JobOutputs:
                 while chunk := await asyncio.to_thread(_read, path, offset, READ_CHUNK):
                     offset += len(chunk)
                     yield chunk
-            async with self._store.read() as conn:
-                current = await job_store.get_job(conn, job.id)
+            current = await self._store.read(job_store.get_job, job.id)
             if current is None or current.state.terminal:
                 if path is not None and (rest := await asyncio.to_thread(_read, path, offset, None)):
                     yield rest
@@ -78,8 +76,7 @@ class JobOutputs:
             await self._notifier.wait(job.id, FOLLOW_POLL_S)
 
     async def output_files(self, job_id: str) -> list[tuple[str, int, str]]:
-        async with self._store.read() as conn:
-            return await job_store.list_files(conn, job_id, "output")
+        return await self._store.read(job_store.list_files, job_id, "output")
 
     def output_path(self, job_id: str, name: str) -> Path:
         return self._spool.outputs(job_id) / name

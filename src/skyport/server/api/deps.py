@@ -11,14 +11,16 @@ from skyport.server.auth import Principal
 from skyport.server.core import Core
 
 
-def get_core(request: Request) -> Core:
+async def get_core(request: Request) -> Core:
+    """The request's core. ``async`` on purpose: FastAPI runs sync dependencies in a worker thread."""
     core: Core = request.app.state.core
     return core
 
 
 async def get_principal(request: Request) -> Principal:
     """Authenticate the request (AuthError becomes a 401/403 in the app's handler)."""
-    principal: Principal = await get_core(request).auth.authenticate(request.scope)
+    core: Core = request.app.state.core
+    principal: Principal = await core.auth.authenticate(request.scope)
     return principal
 
 

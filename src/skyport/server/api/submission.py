@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from pydantic import ValidationError
-from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from skyport.jobscript import JobScriptError, parse_jobscript
 from skyport.models import JobSpec
 from skyport.models.job import MAX_SCRIPT_BYTES
+from skyport.server.api.body import Form, read_body, read_form
 from skyport.server.intake import SubmissionError, Upload
 
-UPLOAD_CHUNK = 1024 * 1024
+#: Room for the form's own framing and a JSON spec beside the uploads.
+ENVELOPE_BYTES = MAX_SCRIPT_BYTES + 64 * 1024
 
 
 def validation_message(exc: ValidationError) -> str:
@@ -26,10 +28,10 @@ def validation_message(exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def spec_from_json(raw: bytes | str) -> JobSpec:
+def spec_from_json(raw: bytes) -> JobSpec:
     try:
         data = json.loads(raw)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SubmissionError(f"the body is not valid JSON: {exc}") from exc
     try:
         return JobSpec.model_validate(data)
@@ -37,60 +39,51 @@ def spec_from_json(raw: bytes | str) -> JobSpec:
         raise SubmissionError(validation_message(exc)) from exc
 
 
-def spec_from_script(text: str | bytes, *, compat: bool) -> JobSpec:
-    if isinstance(text, bytes):
-        try:
-            text = text.decode()
-        except UnicodeDecodeError as exc:
-            raise SubmissionError("the job script is not UTF-8 text") from exc
+def spec_from_script(raw: bytes, *, compat: bool) -> JobSpec:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SubmissionError(f"the job script is not UTF-8 text (byte {exc.start} is not valid)") from exc
     try:
         return parse_jobscript(text, compat=compat)
     except JobScriptError as exc:
         raise SubmissionError(f"the job script has errors:\n{exc}") from exc
 
 
-async def _chunks(upload: UploadFile) -> AsyncIterator[bytes]:
-    while chunk := await upload.read(UPLOAD_CHUNK):
-        yield chunk
+def _from_form(form: Form, script_field: str, compat: bool) -> tuple[JobSpec, list[Upload]]:
+    uploads = [Upload(name=p.filename, chunks=p.chunks()) for p in form.files if p.name != script_field]
+    script_files = [p for p in form.files if p.name == script_field]
+    if "spec" in form.fields:
+        return spec_from_json(form.fields["spec"]), uploads
+    if script_field in form.fields:
+        return spec_from_script(form.fields[script_field], compat=compat), uploads
+    if script_files:  # a script sent as a file part is still the script
+        script_files[0].file.seek(0)
+        raw = script_files[0].file.read(MAX_SCRIPT_BYTES + 1)
+        return spec_from_script(raw, compat=compat), uploads
+    raise SubmissionError(f"the form has neither a 'spec' (JSON) nor a {script_field!r} (job script) field")
 
 
-def check_length(request: Request, limit: int) -> None:
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit + MAX_SCRIPT_BYTES + 65536:
-        raise SubmissionError(
-            f"the submission is {length} bytes, over the limit of {limit} bytes of uploads: "
-            "stage large data from a URL instead",
-            status=413,
-        )
-
-
-async def read_submission(
+@asynccontextmanager
+async def submission(
     request: Request, *, limit: int, script_field: str = "script", compat: bool = False
-) -> tuple[JobSpec, list[Upload]]:
-    """The spec and uploads of a submission. Raises SubmissionError (400/413) for anything malformed."""
-    check_length(request, limit)
+) -> AsyncIterator[tuple[JobSpec, list[Upload]]]:
+    """The spec and uploads of a submission, valid inside the block (uploaded files are closed after).
+
+    Raises SubmissionError (400/413) for anything malformed or too large.
+    """
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
-        form = await request.form(max_files=1000, max_fields=100, max_part_size=MAX_SCRIPT_BYTES + 1024)
-        script = form.get(script_field)
-        if isinstance(script, UploadFile):  # a script sent as a file part is still the script
-            script = (await script.read(MAX_SCRIPT_BYTES + 1)).decode(errors="replace")
-        uploads = [
-            Upload(name=value.filename or key, chunks=_chunks(value))
-            for key, value in form.multi_items()
-            if isinstance(value, UploadFile) and key != script_field
-        ]
-        spec_field = form.get("spec")
-        if isinstance(spec_field, str):
-            return spec_from_json(spec_field), uploads
-        if isinstance(script, str):
-            return spec_from_script(script, compat=compat), uploads
-        raise SubmissionError(
-            f"the form has neither a 'spec' (JSON) nor a {script_field!r} (job script) field"
-        )
-    body = await request.body()
+        form = await read_form(request, limit=limit + ENVELOPE_BYTES, field_limit=ENVELOPE_BYTES)
+        try:
+            yield _from_form(form, script_field, compat)
+        finally:
+            form.close()
+        return
+    body = await read_body(request, ENVELOPE_BYTES)
     if not body:
         raise SubmissionError("the submission is empty: send a job script or a JSON job spec")
     if content_type == "application/json":
-        return spec_from_json(body), []
-    return spec_from_script(body, compat=compat), []
+        yield spec_from_json(body), []
+    else:
+        yield spec_from_script(body, compat=compat), []

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from skyport.models import Flavor, Image, Job, JobState, Node, Remote
 from skyport.server.api.deps import get_core, get_principal
-from skyport.server.api.submission import read_submission
+from skyport.server.api.submission import submission
 from skyport.server.auth import Principal, owner_filter
 from skyport.server.core import Core
 from skyport.server.intake import SubmissionError
@@ -142,8 +142,7 @@ async def list_jobs(
     core: CoreDep, principal: PrincipalDep, limit: Annotated[int, Query(ge=1, le=LIST_LIMIT)] = LIST_LIMIT
 ) -> JSONResponse:
     flt = job_store.JobFilter(owner_id=owner_filter(principal))
-    async with core.store.read() as conn:
-        jobs, _ = await job_store.list_jobs(conn, flt, limit=limit)
+    jobs, _ = await core.store.read(job_store.list_jobs, flt, limit=limit)
     return JSONResponse([swm_job(j) for j in jobs])
 
 
@@ -186,13 +185,13 @@ async def job_stderr(job_id: str, core: CoreDep, principal: PrincipalDep) -> Res
 @router.post("/job")
 async def submit(request: Request, core: CoreDep, principal: PrincipalDep) -> Response:
     try:
-        spec, uploads = await read_submission(
+        async with submission(
             request,
             limit=core.settings.max_upload_bytes,
             script_field="script_content",
             compat=core.settings.jobscript_compat,
-        )
-        job = await core.intake.submit(principal.user, spec, uploads)
+        ) as (spec, uploads):
+            job = await core.intake.submit(principal.user, spec, uploads)
     except SubmissionError as exc:
         return PlainTextResponse(str(exc), status_code=exc.status)
     return Response(job.id, media_type="application/octet-stream")
@@ -231,23 +230,23 @@ def _limited(items: list[dict[str, Any]], limit: int | None) -> JSONResponse:
 
 @router.get("/node")
 async def nodes(core: CoreDep, principal: PrincipalDep, limit: int | None = None) -> JSONResponse:
-    async with core.store.read() as conn:
-        return _limited([swm_node(n) for n in await infra_store.list_nodes(conn)], limit)
+    found = await core.store.read(infra_store.list_nodes)
+    return _limited([swm_node(n) for n in found], limit)
 
 
 @router.get("/flavor")
 async def flavors(core: CoreDep, principal: PrincipalDep, limit: int | None = None) -> JSONResponse:
-    async with core.store.read() as conn:
-        return _limited([swm_flavor(f) for f in await infra_store.list_flavors(conn)], limit)
+    found = await core.store.read(infra_store.list_flavors)
+    return _limited([swm_flavor(f) for f in found], limit)
 
 
 @router.get("/image")
 async def images(core: CoreDep, principal: PrincipalDep, limit: int | None = None) -> JSONResponse:
-    async with core.store.read() as conn:
-        return _limited([swm_image(i) for i in await infra_store.list_images(conn)], limit)
+    found = await core.store.read(infra_store.list_images)
+    return _limited([swm_image(i) for i in found], limit)
 
 
 @router.get("/remote")
 async def remotes(core: CoreDep, principal: PrincipalDep, limit: int | None = None) -> JSONResponse:
-    async with core.store.read() as conn:
-        return _limited([swm_remote(r) for r in await infra_store.list_remotes(conn)], limit)
+    found = await core.store.read(infra_store.list_remotes)
+    return _limited([swm_remote(r) for r in found], limit)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
@@ -9,7 +10,7 @@ from fastapi.responses import FileResponse, StreamingResponse
 
 from skyport.models import Event, Flavor, Image, Job, JobState, Node, Page, Remote, User
 from skyport.server.api.deps import check_job_id, get_core, get_principal, model_response
-from skyport.server.api.submission import read_submission
+from skyport.server.api.submission import submission
 from skyport.server.auth import Principal, owner_filter, require_admin
 from skyport.server.core import Core
 from skyport.server.intake import safe_relative_name
@@ -57,8 +58,9 @@ async def _job(core: Core, principal: Principal, job_id: str) -> Job:
 )
 async def submit(request: Request, core: CoreDep, principal: PrincipalDep) -> Response:
     """A JobSpec as JSON, a job script as text, or multipart with ``spec``/``script`` and ``input`` files."""
-    spec, uploads = await read_submission(request, limit=core.settings.max_upload_bytes)
-    return model_response(await core.intake.submit(principal.user, spec, uploads), status_code=201)
+    async with submission(request, limit=core.settings.max_upload_bytes) as (spec, uploads):
+        job = await core.intake.submit(principal.user, spec, uploads)
+    return model_response(job, status_code=201)
 
 
 @router.get("/jobs", response_model=Page[Job], summary="List jobs")
@@ -75,8 +77,7 @@ async def list_jobs(
         owner_id=owner_filter(principal), states=frozenset(state or ()), name=name, owner_name=user
     )
     try:
-        async with core.store.read() as conn:
-            items, nxt = await job_store.list_jobs(conn, flt, limit=limit, after=after)
+        items, nxt = await core.store.read(job_store.list_jobs, flt, limit=limit, after=after)
     except ValueError as exc:
         raise HTTPException(400, str(exc)) from exc
     return model_response(Page[Job](items=items, next=nxt))
@@ -119,7 +120,7 @@ async def requeue_job(job_id: str, core: CoreDep, principal: PrincipalDep) -> Jo
     return job
 
 
-def _log_endpoint(stream: str) -> object:
+def _log_endpoint(stream: str) -> Callable[..., Awaitable[Response]]:
     async def read_log(
         job_id: str,
         core: CoreDep,
@@ -143,14 +144,14 @@ def _log_endpoint(stream: str) -> object:
 router.add_api_route(
     "/jobs/{job_id}/stdout",
     _log_endpoint("stdout"),
-    methods=["GET"],  # type: ignore[arg-type]
+    methods=["GET"],
     summary="The job's standard output",
     response_class=Response,
 )
 router.add_api_route(
     "/jobs/{job_id}/stderr",
     _log_endpoint("stderr"),
-    methods=["GET"],  # type: ignore[arg-type]
+    methods=["GET"],
     summary="The job's standard error",
     response_class=Response,
 )
@@ -161,8 +162,7 @@ async def job_events(
     job_id: str, core: CoreDep, principal: PrincipalDep, after: Annotated[int, Query(ge=0)] = 0
 ) -> Page[Event]:
     job = await _job(core, principal, job_id)
-    async with core.store.read() as conn:
-        items = await job_store.list_events(conn, job.id, after_id=after)
+    items = await core.store.read(job_store.list_events, job.id, after_id=after)
     return Page[Event](items=items)
 
 
@@ -183,26 +183,25 @@ async def job_output_file(job_id: str, name: str, core: CoreDep, principal: Prin
 
 @router.get("/nodes", response_model=Page[Node], summary="Nodes")
 async def list_nodes(core: CoreDep, principal: PrincipalDep) -> Page[Node]:
-    async with core.store.read() as conn:
-        return Page[Node](items=await infra_store.list_nodes(conn))
+    found = await core.store.read(infra_store.list_nodes)
+    return Page[Node](items=found)
 
 
 @router.get("/flavors", response_model=Page[Flavor], summary="Flavors")
 async def list_flavors(core: CoreDep, principal: PrincipalDep) -> Page[Flavor]:
-    async with core.store.read() as conn:
-        return Page[Flavor](items=await infra_store.list_flavors(conn))
+    found = await core.store.read(infra_store.list_flavors)
+    return Page[Flavor](items=found)
 
 
 @router.get("/images", response_model=Page[Image], summary="Images")
 async def list_images(core: CoreDep, principal: PrincipalDep) -> Page[Image]:
-    async with core.store.read() as conn:
-        return Page[Image](items=await infra_store.list_images(conn))
+    found = await core.store.read(infra_store.list_images)
+    return Page[Image](items=found)
 
 
 @router.get("/remotes", response_model=Page[Remote], summary="Remotes")
 async def list_remotes(core: CoreDep, principal: PrincipalDep) -> Page[Remote]:
-    async with core.store.read() as conn:
-        remotes = await infra_store.list_remotes(conn)
+    remotes = await core.store.read(infra_store.list_remotes)
     # Settings may reference credentials: never in API output.
     return Page[Remote](items=[r.model_copy(update={"settings": {}}) for r in remotes])
 
@@ -215,10 +214,8 @@ async def whoami(principal: PrincipalDep) -> User:
 @router.post("/users/{name}/revoke", summary="Revoke every certificate of a user (admins)")
 async def revoke_user(name: str, core: CoreDep, principal: PrincipalDep) -> dict[str, int]:
     require_admin(principal)
-    async with core.store.write() as conn:
-        user = await user_store.get_user(conn, name=name)
-        if user is None:
-            raise HTTPException(404, f"no user {name!r}")
-        count = await user_store.revoke_user_certificates(conn, user.id, core.clock.now())
+    count = await core.store.write(user_store.revoke_certificates_of, name, core.clock.now())
+    if count is None:
+        raise HTTPException(404, f"no user {name!r}")
     core.auth.forget()
     return {"revoked": count}

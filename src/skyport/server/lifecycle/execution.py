@@ -10,11 +10,11 @@ down, launched if it never started), so nothing is left untracked after a crash.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from sqlalchemy import select
 
 from skyport.gates.base import ExecutorGate, Exit, GateError, Handle, JobLaunch
 from skyport.models import JobSpec, JobState
@@ -25,7 +25,6 @@ from skyport.server.metrics import Metrics
 from skyport.server.spool import Spool
 from skyport.server.store import jobs as job_store
 from skyport.server.store.engine import Store
-from skyport.server.store.tables import jobs, users
 
 log = structlog.get_logger(__name__)
 
@@ -64,7 +63,7 @@ class ExecutionLoop:
         cancel_grace_s: float,
         interval_s: float,
         wakeup: Wakeup,
-        on_finished: Wakeup,
+        on_finished: Callable[[], None],
     ) -> None:
         self.wakeup = wakeup
         self._store = store
@@ -108,18 +107,10 @@ class ExecutionLoop:
     # -- reading jobs --------------------------------------------------------------------------------
 
     async def _rows(self, states: frozenset[JobState], *, flagged_only: bool = False) -> list[Any]:
-        query = (
-            select(jobs, users.c.name.label("owner_name"))
-            .join(users, users.c.id == jobs.c.owner_id)
-            .where(jobs.c.state.in_([s.value for s in states]))
-            .order_by(jobs.c.priority.desc(), jobs.c.seq.asc())
+        limit = None if flagged_only else LAUNCH_BATCH
+        return await self._store.read(
+            job_store.rows_with_owner, states, flagged_only=flagged_only, limit=limit
         )
-        if flagged_only:
-            query = query.where(jobs.c.cancel_requested.is_(True) | jobs.c.requeue_requested.is_(True))
-        else:
-            query = query.limit(LAUNCH_BATCH)
-        async with self._store.read() as conn:
-            return list((await conn.execute(query)).all())
 
     def _job_launch(self, row: Any) -> JobLaunch:
         spec = JobSpec.model_validate(row.spec)
@@ -208,8 +199,7 @@ class ExecutionLoop:
         await self._record_started([self._track(row, launch, handle)], [])
 
     async def _fresh_row(self, job_id: str) -> Any:
-        async with self._store.read() as conn:
-            return await job_store.get_job_row(conn, job_id)
+        return await self._store.read(job_store.get_job_row, job_id)
 
     def _track(self, row: Any, launch: JobLaunch, handle: Handle, *, recorded: bool = False) -> _Tracked:
         walltime = row.walltime
@@ -380,8 +370,7 @@ class ExecutionLoop:
                     JobState.FAILED, "stage_out_failed", f"Output files not returned: {exc}", {}
                 )
                 files = []
-            async with self._store.write() as conn:
-                await job_store.replace_files(conn, launch.job_id, "output", files)
+            await self._store.write(job_store.replace_files, launch.job_id, "output", files)
             await self._apply(
                 [
                     self._final_change(
@@ -397,7 +386,7 @@ class ExecutionLoop:
     async def recover(self) -> None:
         """Find every active job again after a (re)start of the core."""
         active = STARTED | {JobState.STAGING_OUT}
-        rows = await self._rows_all(active)
+        rows = await self._store.read(job_store.rows_with_owner, active)
         finals: list[job_store.StateChange] = []
         for row in rows:
             launch = self._job_launch(row)
@@ -459,22 +448,12 @@ class ExecutionLoop:
         self._tracked[row.id] = tracked
         return tracked
 
-    async def _rows_all(self, states: frozenset[JobState]) -> list[Any]:
-        query = (
-            select(jobs, users.c.name.label("owner_name"))
-            .join(users, users.c.id == jobs.c.owner_id)
-            .where(jobs.c.state.in_([s.value for s in states]))
-        )
-        async with self._store.read() as conn:
-            return list((await conn.execute(query)).all())
-
     # -- shared --------------------------------------------------------------------------------------
 
     async def _apply(self, changes: list[job_store.StateChange]) -> list[job_store.StateChange]:
         if not changes:
             return []
-        async with self._store.write() as conn:
-            applied = await job_store.transition(conn, changes, self._clock.now())
+        applied = await self._store.write(job_store.transition, changes, self._clock.now())
         finished = False
         for change in applied:
             self._notifier.changed(change.job_id)
@@ -484,7 +463,7 @@ class ExecutionLoop:
             if change.to_state is JobState.QUEUED:
                 finished = True
         if finished:
-            self._on_finished.ring()
+            self._on_finished()
         return applied
 
     def _spawn(self, coro: Any) -> None:

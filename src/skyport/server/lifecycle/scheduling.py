@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from datetime import datetime
 from typing import Any
 
 import structlog
-from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy import Connection, select
 
 from skyport.models import JobState
 from skyport.models.job import ACTIVE_STATES
@@ -35,15 +35,15 @@ MAX_PAGE = 4096
 MIN_PASS_INTERVAL_S = 0.02
 
 
-async def _snapshot(conn: AsyncConnection, page: int) -> tuple[Snapshot, dict[str, Any], dict[str, Any]]:
+def _snapshot(conn: Connection, page: int) -> tuple[Snapshot, dict[str, Any], dict[str, Any]]:
     node_rows = {
         r.id: r
-        for r in await conn.execute(
+        for r in conn.execute(
             select(nodes).where(nodes.c.state_power == "up", nodes.c.state_alloc.in_(["idle", "busy"]))
         )
     }
     used: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
-    active = await conn.execute(
+    active = conn.execute(
         select(jobs.c.node_ids, jobs.c.cpus, jobs.c.mem, jobs.c.gpus).where(
             jobs.c.state.in_([s.value for s in ACTIVE_STATES])
         )
@@ -68,7 +68,7 @@ async def _snapshot(conn: AsyncConnection, page: int) -> tuple[Snapshot, dict[st
         )
         for n in node_rows.values()
     )
-    queued = await conn.execute(
+    queued = conn.execute(
         select(
             jobs.c.id,
             jobs.c.seq,
@@ -105,6 +105,18 @@ async def _snapshot(conn: AsyncConnection, page: int) -> tuple[Snapshot, dict[st
     return Snapshot(jobs=pending, nodes=capacity), node_rows, pending_rows
 
 
+def _record_plan(
+    conn: Connection,
+    changes: list[job_store.StateChange],
+    waits: dict[tuple[str, str], list[str]],
+    now: datetime,
+) -> list[job_store.StateChange]:
+    applied = job_store.transition(conn, changes, now)
+    for (reason, message), ids in waits.items():
+        job_store.set_wait_reason(conn, ids, reason, message)
+    return applied
+
+
 class SchedulerLoop:
     def __init__(
         self,
@@ -114,10 +126,9 @@ class SchedulerLoop:
         notifier: JobNotifier,
         *,
         interval_s: float,
-        wakeup: Wakeup,
         on_placed: Wakeup,
     ) -> None:
-        self.wakeup = wakeup
+        self.wakeup = Wakeup()
         self._store = store
         self._clock = clock
         self._metrics = metrics
@@ -125,6 +136,19 @@ class SchedulerLoop:
         self._interval = interval_s
         self._on_placed = on_placed
         self._page = MIN_PAGE
+        # Priority of the job at the head of the queue when it could not start (None: not blocked).
+        self._blocked_at: int | None = None
+
+    def submitted(self, priority: int) -> None:
+        """A job was queued. FCFS starts nothing behind a blocked head, so only a job that outranks
+        the head can change the plan; the timer and every end still trigger passes."""
+        if self._blocked_at is None or priority > self._blocked_at:
+            self.wakeup.ring()
+
+    def capacity_changed(self) -> None:
+        """A job ended or a node changed: the head may fit now."""
+        self._blocked_at = None
+        self.wakeup.ring()
 
     async def run(self) -> None:
         while True:
@@ -139,13 +163,18 @@ class SchedulerLoop:
 
     async def pass_once(self) -> Plan:
         started = self._clock.monotonic()
-        async with self._store.read() as conn:
-            snapshot, node_rows, pending_rows = await _snapshot(conn, self._page)
+        snapshot, node_rows, pending_rows = await self._store.read(_snapshot, self._page)
         if not snapshot.jobs:
             return Plan()
         now = self._clock.now()
         decided = plan(snapshot, now)
         await self._record(decided, node_rows, pending_rows)
+        head_waits = next((w for w in decided.waits if w.reason == "Resources"), None)
+        self._blocked_at = (
+            None
+            if head_waits is None
+            else next(j.priority for j in snapshot.jobs if j.id == head_waits.job_id)
+        )
         if decided.waits or len(snapshot.jobs) < self._page:
             self._page = MIN_PAGE
         else:  # the whole page went: more may fit, look again at once with a larger page
@@ -194,10 +223,7 @@ class SchedulerLoop:
                 waits[(w.reason, w.message)].append(w.job_id)
         if not changes and not waits:
             return
-        async with self._store.write() as conn:
-            applied = await job_store.transition(conn, changes, now)
-            for (reason, message), ids in waits.items():
-                await job_store.set_wait_reason(conn, ids, reason, message)
+        applied = await self._store.write(_record_plan, changes, waits, now)
         for change in applied:
             self._notifier.changed(change.job_id)
             if change.to_state is JobState.SCHEDULED:

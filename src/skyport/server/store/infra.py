@@ -6,8 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy import Connection, insert, select, update
 
 from skyport.models import Flavor, Image, Node, Remote
 from skyport.models.job import ACTIVE_STATES
@@ -25,27 +24,25 @@ def _remote(row: Any) -> Remote:
     )
 
 
-async def list_remotes(conn: AsyncConnection) -> list[Remote]:
-    return [_remote(r) for r in await conn.execute(select(remotes).order_by(remotes.c.name))]
+def list_remotes(conn: Connection) -> list[Remote]:
+    return [_remote(r) for r in conn.execute(select(remotes).order_by(remotes.c.name))]
 
 
-async def get_remote(conn: AsyncConnection, *, name: str) -> Remote | None:
-    row = (await conn.execute(select(remotes).where(remotes.c.name == name))).first()
+def get_remote(conn: Connection, *, name: str) -> Remote | None:
+    row = (conn.execute(select(remotes).where(remotes.c.name == name))).first()
     return _remote(row) if row else None
 
 
-async def ensure_remote(
-    conn: AsyncConnection, *, name: str, kind: str, server: str, settings: dict[str, Any], now: datetime
+def ensure_remote(
+    conn: Connection, *, name: str, kind: str, server: str, settings: dict[str, Any], now: datetime
 ) -> str:
     """The remote's id; created if absent, its server and settings refreshed if present."""
-    row = (await conn.execute(select(remotes.c.id).where(remotes.c.name == name))).first()
+    row = (conn.execute(select(remotes.c.id).where(remotes.c.name == name))).first()
     if row:
-        await conn.execute(
-            update(remotes).where(remotes.c.id == row.id).values(server=server, settings=settings)
-        )
+        conn.execute(update(remotes).where(remotes.c.id == row.id).values(server=server, settings=settings))
         return str(row.id)
     remote_id = str(uuid.uuid4())
-    await conn.execute(
+    conn.execute(
         insert(remotes),
         {
             "id": remote_id,
@@ -61,16 +58,16 @@ async def ensure_remote(
     return remote_id
 
 
-async def ensure_static_partition(conn: AsyncConnection, *, remote_id: str, name: str, now: datetime) -> str:
+def ensure_static_partition(conn: Connection, *, remote_id: str, name: str, now: datetime) -> str:
     row = (
-        await conn.execute(
+        conn.execute(
             select(partitions.c.id).where(partitions.c.remote_id == remote_id, partitions.c.name == name)
         )
     ).first()
     if row:
         return str(row.id)
     partition_id = str(uuid.uuid4())
-    await conn.execute(
+    conn.execute(
         insert(partitions),
         {
             "id": partition_id,
@@ -85,12 +82,10 @@ async def ensure_static_partition(conn: AsyncConnection, *, remote_id: str, name
     return partition_id
 
 
-async def upsert_node(conn: AsyncConnection, node: Node, now: datetime) -> str:
+def upsert_node(conn: Connection, node: Node, now: datetime) -> str:
     """Record a node as its gate describes it; keeps the id of a node already known by remote and name."""
     row = (
-        await conn.execute(
-            select(nodes.c.id).where(nodes.c.remote_id == node.remote_id, nodes.c.name == node.name)
-        )
+        conn.execute(select(nodes.c.id).where(nodes.c.remote_id == node.remote_id, nodes.c.name == node.name))
     ).first()
     values = {
         "partition_id": node.partition_id or None,
@@ -106,11 +101,9 @@ async def upsert_node(conn: AsyncConnection, node: Node, now: datetime) -> str:
         "updated_at": now,
     }
     if row:
-        await conn.execute(update(nodes).where(nodes.c.id == row.id).values(**values))
+        conn.execute(update(nodes).where(nodes.c.id == row.id).values(**values))
         return str(row.id)
-    await conn.execute(
-        insert(nodes), {"id": node.id, "remote_id": node.remote_id, "name": node.name, **values}
-    )
+    conn.execute(insert(nodes), {"id": node.id, "remote_id": node.remote_id, "name": node.name, **values})
     return node.id
 
 
@@ -132,11 +125,11 @@ def _node(row: Any) -> Node:
     )
 
 
-async def list_nodes(conn: AsyncConnection) -> list[Node]:
+def list_nodes(conn: Connection) -> list[Node]:
     """Nodes with what is allocated on them now (an idle node with jobs on it shows as busy)."""
-    found = [_node(r) for r in await conn.execute(select(nodes).order_by(nodes.c.name))]
+    found = [_node(r) for r in conn.execute(select(nodes).order_by(nodes.c.name))]
     by_id = {n.id: n for n in found}
-    active = await conn.execute(
+    active = conn.execute(
         select(jobs.c.node_ids, jobs.c.cpus, jobs.c.mem, jobs.c.gpus).where(
             jobs.c.state.in_([s.value for s in ACTIVE_STATES])
         )
@@ -153,8 +146,8 @@ async def list_nodes(conn: AsyncConnection) -> list[Node]:
     return found
 
 
-async def list_flavors(conn: AsyncConnection) -> list[Flavor]:
-    rows = await conn.execute(select(flavors).order_by(flavors.c.price, flavors.c.name))
+def list_flavors(conn: Connection) -> list[Flavor]:
+    rows = conn.execute(select(flavors).order_by(flavors.c.price, flavors.c.name))
     return [
         Flavor(
             id=r.id,
@@ -170,8 +163,8 @@ async def list_flavors(conn: AsyncConnection) -> list[Flavor]:
     ]
 
 
-async def list_images(conn: AsyncConnection) -> list[Image]:
-    rows = await conn.execute(select(images).order_by(images.c.name))
+def list_images(conn: Connection) -> list[Image]:
+    rows = conn.execute(select(images).order_by(images.c.name))
     return [
         Image(id=r.id, name=r.name, remote_id=r.remote_id or "", kind=r.kind, comment=r.comment) for r in rows
     ]

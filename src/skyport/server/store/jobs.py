@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, delete, func, insert, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy import Connection, delete, func, insert, select, update
 
 from skyport.models import Event, Job, JobSpec, JobState
-from skyport.server.store.tables import accounts, events, job_files, jobs, users
+from skyport.server.store.tables import accounts, events, job_files, jobs, remotes, users
 
 
 @dataclass(frozen=True)
@@ -79,12 +78,12 @@ def _row_values(job: NewJob) -> dict[str, Any]:
     }
 
 
-async def insert_jobs(conn: AsyncConnection, new_jobs: Sequence[NewJob]) -> None:
+def insert_jobs(conn: Connection, new_jobs: Sequence[NewJob]) -> None:
     """Write accepted submissions (one transaction for many: group commit) with their first event."""
     if not new_jobs:
         return
-    await conn.execute(insert(jobs), [_row_values(j) for j in new_jobs])
-    await conn.execute(
+    conn.execute(insert(jobs), [_row_values(j) for j in new_jobs])
+    conn.execute(
         insert(events),
         [
             {
@@ -105,12 +104,10 @@ async def insert_jobs(conn: AsyncConnection, new_jobs: Sequence[NewJob]) -> None
         for name, size, sha in j.input_files
     ]
     if files:
-        await conn.execute(insert(job_files), files)
+        conn.execute(insert(job_files), files)
 
 
-async def transition(
-    conn: AsyncConnection, changes: Sequence[StateChange], now: datetime
-) -> list[StateChange]:
+def transition(conn: Connection, changes: Sequence[StateChange], now: datetime) -> list[StateChange]:
     """Apply each change whose job is still in an expected state; return the ones applied.
 
     Each applied change writes its event. A change whose guard fails is skipped: another actor got
@@ -121,9 +118,7 @@ async def transition(
     ids = list({c.job_id for c in changes})
     current = {
         r.id: (JobState(r.state), r.attempt)
-        for r in (
-            await conn.execute(select(jobs.c.id, jobs.c.state, jobs.c.attempt).where(jobs.c.id.in_(ids)))
-        )
+        for r in (conn.execute(select(jobs.c.id, jobs.c.state, jobs.c.attempt).where(jobs.c.id.in_(ids))))
     }
     applied: list[StateChange] = []
     event_rows: list[dict[str, Any]] = []
@@ -140,7 +135,7 @@ async def transition(
             "updated_at": now,
             **change.values,
         }
-        result = await conn.execute(
+        result = conn.execute(
             update(jobs).where(jobs.c.id == change.job_id, jobs.c.state == state.value).values(**values)
         )
         if not result.rowcount:
@@ -159,7 +154,7 @@ async def transition(
             }
         )
     if event_rows:
-        await conn.execute(insert(events), event_rows)
+        conn.execute(insert(events), event_rows)
     return applied
 
 
@@ -183,22 +178,22 @@ def requeue_values(attempt: int) -> dict[str, Any]:
     }
 
 
-async def set_wait_reason(conn: AsyncConnection, job_ids: Sequence[str], reason: str, message: str) -> None:
+def set_wait_reason(conn: Connection, job_ids: Sequence[str], reason: str, message: str) -> None:
     """Why queued jobs wait (not a state change, so no event): one statement for many jobs."""
-    await conn.execute(
+    conn.execute(
         update(jobs)
         .where(jobs.c.id.in_(job_ids), jobs.c.state == JobState.QUEUED.value)
         .values(reason=reason, state_details=message)
     )
 
 
-async def set_flags(conn: AsyncConnection, job_id: str, **values: Any) -> bool:
-    result = await conn.execute(update(jobs).where(jobs.c.id == job_id).values(**values))
+def set_flags(conn: Connection, job_id: str, **values: Any) -> bool:
+    result = conn.execute(update(jobs).where(jobs.c.id == job_id).values(**values))
     return bool(result.rowcount)
 
 
-async def add_event(
-    conn: AsyncConnection,
+def add_event(
+    conn: Connection,
     job_id: str,
     attempt: int,
     state: JobState,
@@ -207,7 +202,7 @@ async def add_event(
     now: datetime,
 ) -> None:
     """An event that is not a state change (e.g. a cancel request), also shown as ``state_details``."""
-    await conn.execute(
+    conn.execute(
         insert(events),
         {
             "job_id": job_id,
@@ -219,21 +214,20 @@ async def add_event(
             "message": message,
         },
     )
-    await conn.execute(update(jobs).where(jobs.c.id == job_id).values(state_details=message, updated_at=now))
-
-
-_JOB_COLUMNS = [
-    jobs,
-    users.c.name.label("owner_name"),
-    accounts.c.name.label("account_name"),
-]
+    conn.execute(update(jobs).where(jobs.c.id == job_id).values(state_details=message, updated_at=now))
 
 
 def _job_select() -> Any:
     return (
-        select(*_JOB_COLUMNS)
+        select(
+            jobs,
+            users.c.name.label("owner_name"),
+            accounts.c.name.label("account_name"),
+            remotes.c.name.label("remote_name"),
+        )
         .join(users, users.c.id == jobs.c.owner_id)
         .join(accounts, accounts.c.id == jobs.c.account_id)
+        .outerjoin(remotes, remotes.c.id == jobs.c.remote_id)
     )
 
 
@@ -247,6 +241,7 @@ def job_from_row(row: Any) -> Job:
         reason=row.reason,
         state_details=row.state_details,
         attempt=row.attempt,
+        remote=row.remote_name or "",
         remote_id=row.remote_id or "",
         node_names=row.node_names,
         node_ips=row.node_ips,
@@ -260,14 +255,14 @@ def job_from_row(row: Any) -> Job:
     )
 
 
-async def get_job(conn: AsyncConnection, job_id: str) -> Job | None:
-    row = (await conn.execute(_job_select().where(jobs.c.id == job_id))).first()
+def get_job(conn: Connection, job_id: str) -> Job | None:
+    row = (conn.execute(_job_select().where(jobs.c.id == job_id))).first()
     return job_from_row(row) if row else None
 
 
-async def get_job_row(conn: AsyncConnection, job_id: str) -> Any:
+def get_job_row(conn: Connection, job_id: str) -> Any:
     """The raw row, for the loops that need internal columns (handle, owner id, flags)."""
-    return (await conn.execute(select(jobs).where(jobs.c.id == job_id))).first()
+    return (conn.execute(select(jobs).where(jobs.c.id == job_id))).first()
 
 
 @dataclass(frozen=True)
@@ -294,8 +289,8 @@ def decode_cursor(cursor: str) -> int:
     return seq
 
 
-async def list_jobs(
-    conn: AsyncConnection, flt: JobFilter, *, limit: int, after: str | None = None, newest_first: bool = True
+def list_jobs(
+    conn: Connection, flt: JobFilter, *, limit: int, after: str | None = None, newest_first: bool = True
 ) -> tuple[list[Job], str | None]:
     """A page of jobs and the cursor of the next page. Stable while jobs are added (cursor on ``seq``)."""
     query = _job_select()
@@ -311,15 +306,15 @@ async def list_jobs(
         seq = decode_cursor(after)
         query = query.where(jobs.c.seq < seq if newest_first else jobs.c.seq > seq)
     query = query.order_by(jobs.c.seq.desc() if newest_first else jobs.c.seq.asc()).limit(limit + 1)
-    rows = (await conn.execute(query)).all()
+    rows = (conn.execute(query)).all()
     more = len(rows) > limit
     rows = rows[:limit]
     return [job_from_row(r) for r in rows], (encode_cursor(rows[-1].seq) if more and rows else None)
 
 
-async def list_events(conn: AsyncConnection, job_id: str, after_id: int = 0) -> list[Event]:
+def list_events(conn: Connection, job_id: str, after_id: int = 0) -> list[Event]:
     rows = (
-        await conn.execute(
+        conn.execute(
             select(events).where(events.c.job_id == job_id, events.c.id > after_id).order_by(events.c.id)
         )
     ).all()
@@ -338,31 +333,34 @@ async def list_events(conn: AsyncConnection, job_id: str, after_id: int = 0) -> 
     ]
 
 
-async def count_by_state(conn: AsyncConnection) -> dict[str, int]:
-    rows = (await conn.execute(select(jobs.c.state, func.count()).group_by(jobs.c.state))).all()
+def count_by_state(conn: Connection) -> dict[str, int]:
+    rows = (conn.execute(select(jobs.c.state, func.count()).group_by(jobs.c.state))).all()
     return {r[0]: r[1] for r in rows}
 
 
-async def rows_in_states(
-    conn: AsyncConnection,
-    states: Iterable[JobState],
-    *,
-    limit: int | None = None,
-    remote_id: str | None = None,
+def rows_with_owner(
+    conn: Connection, states: Iterable[JobState], *, flagged_only: bool = False, limit: int | None = None
 ) -> list[Any]:
-    """Raw rows in the given states, in scheduling order (priority, then submission)."""
-    query = select(jobs).where(jobs.c.state.in_([s.value for s in states]))
-    if remote_id is not None:
-        query = query.where(or_(jobs.c.remote_id == remote_id, and_(jobs.c.remote_id.is_(None))))
-    query = query.order_by(jobs.c.priority.desc(), jobs.c.seq.asc())
+    """Raw job rows (plus ``owner_name``) in the given states, in scheduling order.
+
+    ``flagged_only``: just those with a pending cancel or requeue request.
+    """
+    query = (
+        select(jobs, users.c.name.label("owner_name"))
+        .join(users, users.c.id == jobs.c.owner_id)
+        .where(jobs.c.state.in_([s.value for s in states]))
+        .order_by(jobs.c.priority.desc(), jobs.c.seq.asc())
+    )
+    if flagged_only:
+        query = query.where(jobs.c.cancel_requested.is_(True) | jobs.c.requeue_requested.is_(True))
     if limit is not None:
         query = query.limit(limit)
-    return list((await conn.execute(query)).all())
+    return list(conn.execute(query).all())
 
 
-async def list_files(conn: AsyncConnection, job_id: str, kind: str) -> list[tuple[str, int, str]]:
+def list_files(conn: Connection, job_id: str, kind: str) -> list[tuple[str, int, str]]:
     rows = (
-        await conn.execute(
+        conn.execute(
             select(job_files.c.name, job_files.c.size, job_files.c.sha256)
             .where(job_files.c.job_id == job_id, job_files.c.kind == kind)
             .order_by(job_files.c.name)
@@ -371,12 +369,10 @@ async def list_files(conn: AsyncConnection, job_id: str, kind: str) -> list[tupl
     return [(r.name, r.size, r.sha256) for r in rows]
 
 
-async def replace_files(
-    conn: AsyncConnection, job_id: str, kind: str, files: Sequence[tuple[str, int, str]]
-) -> None:
-    await conn.execute(delete(job_files).where(job_files.c.job_id == job_id, job_files.c.kind == kind))
+def replace_files(conn: Connection, job_id: str, kind: str, files: Sequence[tuple[str, int, str]]) -> None:
+    conn.execute(delete(job_files).where(job_files.c.job_id == job_id, job_files.c.kind == kind))
     if files:
-        await conn.execute(
+        conn.execute(
             insert(job_files),
             [{"job_id": job_id, "kind": kind, "name": n, "size": s, "sha256": h} for n, s, h in files],
         )

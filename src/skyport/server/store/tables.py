@@ -47,7 +47,8 @@ class UTCDateTime(TypeDecorator[datetime]):
             return None
         if isinstance(value, str):  # SQLite may hand back text for computed values
             value = datetime.fromisoformat(value)
-        return value.replace(tzinfo=UTC)
+        aware: datetime = value.replace(tzinfo=UTC)
+        return aware
 
 
 metadata = MetaData(
