@@ -15,7 +15,9 @@ import os
 import pwd
 import shutil
 import socket
+import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from skyport.gates.base import Exit, ExitCallback, GateError, Handle, JobLaunch, Recovered
@@ -30,6 +32,16 @@ def machine_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+ACCOUNT_TTL_S = 60.0
+
+
+@dataclass(frozen=True)
+class Account:
+    name: str
+    uid: int
+    gid: int
+
+
 class UserMapper:
     """Which Unix account runs a Sky Port user's jobs.
 
@@ -40,9 +52,20 @@ class UserMapper:
 
     def __init__(self, settings: LocalGateSettings) -> None:
         self._settings = settings
+        # Sky Port user -> (expiry, account): a lookup may go to LDAP, and launching is a hot path.
+        self._cache: dict[str, tuple[float, Account | None]] = {}
 
-    def run_as(self, user: str) -> str | None:
-        """The account name, or None for "the core's own account"."""
+    def account(self, user: str) -> Account | None:
+        """The account that runs ``user``'s jobs, or None for "the core's own account"."""
+        now = time.monotonic()
+        cached = self._cache.get(user)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        account = self._lookup(user)
+        self._cache[user] = (now + ACCOUNT_TTL_S, account)
+        return account
+
+    def _lookup(self, user: str) -> Account | None:
         if os.geteuid() != 0:
             return None
         candidates = [self._settings.user_map.get(user), user, self._settings.default_user]
@@ -55,7 +78,7 @@ class UserMapper:
                 continue
             if entry.pw_uid == 0 and not self._settings.allow_root:
                 continue
-            return name
+            return Account(name, entry.pw_uid, entry.pw_gid)
         raise GateError(
             f"no Unix account to run jobs of Sky Port user {user!r}: create an account of that name, or "
             f"set local.user_map.{user} or local.default_user in skyport.toml"
@@ -69,6 +92,7 @@ class LocalGate:
         self._settings = settings
         self._users = UserMapper(settings)
         self._workroot = workroot
+        workroot.mkdir(parents=True, exist_ok=True, mode=0o711)
         self._executor = ProcessExecutor(allow_root=settings.allow_root)
 
     # -- capacity ------------------------------------------------------------------------------------
@@ -105,16 +129,12 @@ class LocalGate:
         return path if path.is_absolute() else workdir / path
 
     def _owner_ids(self, job: JobLaunch) -> tuple[int, int] | None:
-        run_as = self._users.run_as(job.owner)
-        if run_as is None:
-            return None
-        entry = pwd.getpwnam(run_as)
-        return entry.pw_uid, entry.pw_gid
+        account = self._users.account(job.owner)
+        return None if account is None else (account.uid, account.gid)
 
     def _prepare_dirs(self, job: JobLaunch) -> Path:
         workdir = self._workdir(job)
         ids = self._owner_ids(job)
-        self._workroot.mkdir(parents=True, exist_ok=True, mode=0o711)
         workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
         if ids is not None:
             os.chown(workdir, *ids)
@@ -147,8 +167,8 @@ class LocalGate:
 
     async def launch(self, job: JobLaunch) -> Handle:
         try:
-            workdir = self._prepare_dirs(job)
-            run_as = self._users.run_as(job.owner)
+            workdir = self._workdir(job)  # the executor creates it, safely, as the job's account
+            account = self._users.account(job.owner)
             spec = job.spec
             request = LaunchRequest(
                 job_id=job.job_id,
@@ -161,18 +181,17 @@ class LocalGate:
                 stdout_path=self._in_workdir(workdir, spec.stdout, "stdout.log"),
                 stderr_path=self._in_workdir(workdir, spec.stderr, "stderr.log"),
                 stdin_path=self._in_workdir(workdir, spec.stdin, "") if spec.stdin else None,
-                run_as=run_as,
+                run_as=account.name if account else None,
             )
             process = self._executor.launch(request)
         except (LaunchError, OSError) as exc:
             raise GateError(str(exc)) from exc
-        ids = self._owner_ids(job)
         return {
             "process": process.to_dict(),
             "workdir": str(workdir),
             "stdout": str(request.stdout_path),
             "stderr": str(request.stderr_path),
-            "uid": ids[0] if ids else None,
+            "uid": account.uid if account else None,
         }
 
     def watch(self, job_id: str, handle: Handle, on_exit: ExitCallback) -> None:

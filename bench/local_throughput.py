@@ -1,0 +1,105 @@
+"""Trivial jobs (``true``) end to end through the local gate (target >= 500 jobs/s), side by side with
+the PSI/J local executor (``psij-python``) on the same jobs in the same run.
+
+Ours: N jobs submitted over HTTPS by 4 concurrent clients to a real core; timed from the first
+submission until the store says all N completed (each job accepted durably, scheduled, launched as the
+mapped Unix account in its own process group and workdir, its exit status recorded with its events).
+The local node is declared with 64 CPUs (``local.cpus``): a ``true`` job uses no CPU to speak of, and
+the real 2 CPUs would otherwise allow only two at a time.
+Peer: PSI/J's ``local`` executor runs the same N ``true`` jobs from one Python process: submit all,
+wait for all.
+
+Run: ``.venv/bin/python bench/local_throughput.py``
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.harness import BenchCore, print_result, print_table
+from bench.loadgen import build_request, run_load
+
+JOBS = 2000
+CLIENTS = 4
+TIMEOUT_S = 300
+
+
+def measure_ours() -> float:
+    core = BenchCore(env={"SKYPORT_LOCAL__CPUS": "64"})
+    try:
+        body = json.dumps({"command": ["true"], "name": "trivial"}).encode()
+        request = build_request("POST", "localhost", "/api/v1/jobs", body, "application/json")
+        db = sqlite3.connect(core.home / "skyport.db")
+        started = time.perf_counter()
+        result = asyncio.run(
+            run_load("127.0.0.1", core.port, core.ssl_context(), request, connections=CLIENTS, total=JOBS)
+        )
+        if result.statuses != {201: JOBS}:
+            raise SystemExit(f"submissions failed: {result.statuses}")
+        deadline = time.monotonic() + TIMEOUT_S
+        while True:
+            done = db.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall()
+            by_state = dict(done)
+            if by_state.get("completed", 0) == JOBS:
+                break
+            if by_state.get("failed") or time.monotonic() > deadline:
+                raise SystemExit(f"jobs did not all complete: {by_state}")
+            time.sleep(0.01)  # polling the store from outside, not synchronising our own code
+        return time.perf_counter() - started
+    finally:
+        core.close()
+
+
+def measure_psij() -> float:
+    from psij import Job, JobExecutor, JobSpec
+
+    executor = JobExecutor.get_instance("local")
+    with tempfile.TemporaryDirectory(prefix="skyport-bench-psij-") as tmp:
+        jobs = [Job(JobSpec(executable="true", directory=Path(tmp))) for _ in range(JOBS)]
+        started = time.perf_counter()
+        for job in jobs:
+            executor.submit(job)
+        for job in jobs:
+            status = job.wait()
+            if status is None or status.exit_code != 0:
+                raise SystemExit(f"a PSI/J job failed: {status}")
+        return time.perf_counter() - started
+
+
+def main() -> None:
+    ours_s = measure_ours()
+    psij_s = measure_psij()
+    ours_rate, psij_rate = JOBS / ours_s, JOBS / psij_s
+    print_table(
+        f"{JOBS} trivial jobs end to end on this machine",
+        [
+            ("Sky Port core, local gate (HTTPS, 4 clients)", f"{ours_s:.2f}", f"{ours_rate:,.0f}"),
+            ("PSI/J local executor (in-process)", f"{psij_s:.2f}", f"{psij_rate:,.0f}"),
+        ],
+        ("runner", "seconds", "jobs/s"),
+    )
+    ratio = ours_rate / psij_rate
+    print(f"\nours / PSI/J = {ratio:.2f}; target 500 jobs/s: {'met' if ours_rate >= 500 else 'NOT met'}")
+    print_result(
+        {
+            "jobs": JOBS,
+            "ours_s": round(ours_s, 3),
+            "psij_s": round(psij_s, 3),
+            "jobs_per_s": round(ours_rate, 1),
+            "psij_jobs_per_s": round(psij_rate, 1),
+            "ratio": round(ratio, 3),
+            "target_per_s": 500,
+        }
+    )
+
+
+if __name__ == "__main__":
+    main()
