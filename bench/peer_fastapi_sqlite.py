@@ -51,7 +51,7 @@ def main() -> None:
     async def startup(sockets: object = None) -> None:
         await original_startup(sockets)  # type: ignore[arg-type]
         port = server.servers[0].sockets[0].getsockname()[1]
-        port_file.write_text(str(port))
+        port_file.write_text(str(port))  # noqa: ASYNC240 - once, at start-up
 
     server.startup = startup  # type: ignore[method-assign]
     server.run()

@@ -138,8 +138,6 @@ class LocalGate:
         workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
         if ids is not None:
             os.chown(workdir, *ids)
-        # The control directory (pid, exit status) belongs to the core's account, not the job's.
-        self._control_dir(job).mkdir(parents=True, exist_ok=True, mode=0o700)
         return workdir
 
     # -- staging -------------------------------------------------------------------------------------

@@ -9,10 +9,14 @@ from pydantic import BaseModel, Field
 Role = Literal["user", "admin"]
 
 
+def _default_roles() -> list[Role]:
+    return ["user"]
+
+
 class User(BaseModel):
     id: str
     name: str
-    roles: list[Role] = Field(default_factory=lambda: ["user"])
+    roles: list[Role] = Field(default_factory=_default_roles)
     accounts: list[str] = Field(default_factory=list)
 
     @property

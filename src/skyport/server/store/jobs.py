@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import base64
 import json
+from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, delete, func, insert, select, update
+from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 
 from skyport.models import Event, Job, JobSpec, JobState
 from skyport.server.store.tables import accounts, events, job_files, jobs, remotes, users
@@ -111,16 +112,17 @@ def transition(conn: Connection, changes: Sequence[StateChange], now: datetime) 
     """Apply each change whose job is still in an expected state; return the ones applied.
 
     Each applied change writes its event. A change whose guard fails is skipped: another actor got
-    there first, and the event log shows what it did.
+    there first, and the event log shows what it did. The current states are read with the rows locked
+    (PostgreSQL; SQLite's single writer is exclusive anyway), so every change decided here applies, and
+    changes of the same shape are written with one ``executemany``.
     """
     if not changes:
         return []
     ids = list({c.job_id for c in changes})
-    current = {
-        r.id: (JobState(r.state), r.attempt)
-        for r in (conn.execute(select(jobs.c.id, jobs.c.state, jobs.c.attempt).where(jobs.c.id.in_(ids))))
-    }
+    query = select(jobs.c.id, jobs.c.state, jobs.c.attempt).where(jobs.c.id.in_(ids)).with_for_update()
+    current = {r.id: (JobState(r.state), r.attempt) for r in conn.execute(query)}
     applied: list[StateChange] = []
+    rows: list[tuple[str, str, dict[str, Any]]] = []  # (job id, from state, new values)
     event_rows: list[dict[str, Any]] = []
     for change in changes:
         if change.job_id not in current:
@@ -135,13 +137,9 @@ def transition(conn: Connection, changes: Sequence[StateChange], now: datetime) 
             "updated_at": now,
             **change.values,
         }
-        result = conn.execute(
-            update(jobs).where(jobs.c.id == change.job_id, jobs.c.state == state.value).values(**values)
-        )
-        if not result.rowcount:
-            continue  # PostgreSQL: a concurrent transaction moved it first
         current[change.job_id] = (change.to_state, values.get("attempt", attempt))
         applied.append(change)
+        rows.append((change.job_id, state.value, values))
         event_rows.append(
             {
                 "job_id": change.job_id,
@@ -153,9 +151,32 @@ def transition(conn: Connection, changes: Sequence[StateChange], now: datetime) 
                 "message": change.message,
             }
         )
+    _write_rows(conn, rows)
     if event_rows:
         conn.execute(insert(events), event_rows)
     return applied
+
+
+def _write_rows(conn: Connection, rows: list[tuple[str, str, dict[str, Any]]]) -> None:
+    """UPDATE the jobs, one executemany per set of columns (one statement each when a job repeats)."""
+    if len({job_id for job_id, _, _ in rows}) < len(rows):  # a job changes twice: keep the order
+        for job_id, from_state, values in rows:
+            conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.state == from_state).values(**values))
+        return
+    shapes: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
+    for job_id, from_state, values in rows:
+        bound = {f"v_{k}": v for k, v in values.items()}
+        shapes[tuple(sorted(values))].append({"b_id": job_id, "b_from": from_state, **bound})
+    for columns, params in shapes.items():
+        statement = (
+            update(jobs)
+            .where(jobs.c.id == bindparam("b_id"), jobs.c.state == bindparam("b_from"))
+            .values({c: bindparam(f"v_{c}", type_=jobs.c[c].type) for c in columns})
+        )
+        result = conn.execute(statement, params)
+        # Cannot happen with the rows locked; never hide it. (asyncpg reports no count: -1.)
+        if result.rowcount not in (-1, len(params)):
+            raise RuntimeError(f"state change raced: {result.rowcount} of {len(params)} jobs updated")
 
 
 def requeue_values(attempt: int) -> dict[str, Any]:
