@@ -19,6 +19,7 @@ from typer import _click  # typer vendors click: its Context is what commands ge
 from typer.core import TyperCommand
 
 from skyport.cli.output import fail
+from skyport.client.api import upload_name
 from skyport.jobscript import JobScriptError, Problem, parse_jobscript
 from skyport.models import JobSpec
 
@@ -163,7 +164,7 @@ def check_inputs(spec: JobSpec, inputs: Sequence[Path]) -> None:
     for path in inputs:
         if not path.is_file():
             fail(f"input file {escape(str(path))} does not exist (or is not a file)", code=USAGE)
-    sent = {path.name for path in inputs}
+    sent = {upload_name(path, spec.input_files) for path in inputs}
     missing = [name for name in spec.input_files if name not in sent and "://" not in name]
     if missing:
         fail(

@@ -18,6 +18,7 @@ import httpx
 from pydantic import BaseModel
 
 from skyport.client.config import ClientConfig
+from skyport.jobscript import JobScriptError, parse_jobscript
 from skyport.models import Event, Flavor, Image, Job, JobSpec, JobState, Node, Page, Remote, User
 
 T = TypeVar("T", bound=BaseModel)
@@ -86,10 +87,19 @@ def _connection_failed(url: str, exc: httpx.HTTPError) -> ConnectionFailed:
     return ConnectionFailed(f"cannot talk to the core at {url}: {exc} — {hint}")
 
 
-def upload_name(path: Path) -> str:
-    """The name an input file has in the job's working directory: the relative path as given (so
-    ``--input data/x.csv`` matches ``#SWM input-files data/x.csv``), else the file's own name."""
-    return path.as_posix() if not path.is_absolute() and ".." not in path.parts else path.name
+def upload_name(path: Path, wanted: Sequence[str]) -> str:
+    """The name an input file gets in the job's working directory: the relative path as given when the
+    job names it so (``--input data/x.csv`` for ``#SWM input-files data/x.csv``), else its base name
+    (``--input examples/greeting.txt`` for ``#SWM input-files greeting.txt``)."""
+    return path.as_posix() if path.as_posix() in wanted else path.name
+
+
+def _script_inputs(script: str) -> list[str]:
+    """The input files a script names; its errors are left for the core to report."""
+    try:
+        return parse_jobscript(script, compat=True).input_files
+    except JobScriptError:
+        return []
 
 
 def _submit_call(spec: JobSpec | None, script: str | None, inputs: Sequence[Path]) -> _Call:
@@ -100,7 +110,8 @@ def _submit_call(spec: JobSpec | None, script: str | None, inputs: Sequence[Path
             return _Call("POST", "/api/v1/jobs", json=spec.model_dump(mode="json", exclude_defaults=True))
         return _Call("POST", "/api/v1/jobs", content=(script or "").encode())
     fields = {"spec": spec.model_dump_json(exclude_defaults=True)} if spec else {"script": script or ""}
-    files = [("input", (upload_name(p), p.open("rb"))) for p in inputs]
+    wanted = spec.input_files if spec is not None else _script_inputs(script or "")
+    files = [("input", (upload_name(p, wanted), p.open("rb"))) for p in inputs]
     return _Call("POST", "/api/v1/jobs", data=fields, files=files)  # type: ignore[arg-type]
 
 
