@@ -2,13 +2,32 @@
 
 from skyport.server.scheduler.fcfs import plan
 from skyport.server.scheduler.snapshot import (
+    AccountState,
+    FlavorOffer,
     NodeCapacity,
     PendingJob,
     Placement,
     Plan,
+    Policy,
+    Provision,
     Rejection,
+    RunningJob,
     Snapshot,
     Wait,
 )
 
-__all__ = ["NodeCapacity", "PendingJob", "Placement", "Plan", "Rejection", "Snapshot", "Wait", "plan"]
+__all__ = [
+    "AccountState",
+    "FlavorOffer",
+    "NodeCapacity",
+    "PendingJob",
+    "Placement",
+    "Plan",
+    "Policy",
+    "Provision",
+    "Rejection",
+    "RunningJob",
+    "Snapshot",
+    "Wait",
+    "plan",
+]
