@@ -669,6 +669,22 @@ async def test_probe_finds_a_launch_whose_handle_was_lost(executor: ProcessExecu
         await cleanup(crashed)
 
 
+async def test_a_claim_without_a_wrapper_is_a_launch_that_never_happened(
+    executor: ProcessExecutor, tmp_path: Path
+) -> None:
+    """The core died between claiming the control directory and forking: nothing ran, so probe says
+    so (not "lost") and the same attempt can be launched again."""
+    control = tmp_path / "claimed.control"
+    control.mkdir(mode=0o711)
+    (control / "pid").touch()  # the claim, as launch() makes it before the fork
+    assert executor.probe(control) is None
+    outcome = Outcome()
+    executor.watch(
+        executor.launch(request(tmp_path, argv=["sh", "-c", "exit 4"], control_dir=control)), outcome
+    )
+    assert (await outcome.wait()).exit_code == 4
+
+
 async def test_wrapper_killed_while_core_down_is_lost(executor: ProcessExecutor, tmp_path: Path) -> None:
     """If the wrapper itself is SIGKILLed while no core watches, the status is honestly "lost"."""
     crashed = await launch_and_crash(tmp_path, ["sh", "-c", "read line; exit 5"], gated=True)

@@ -325,6 +325,16 @@ def _is_our_wrapper(pid: int, control_dir: str) -> bool | None:
     return argv[1:2] == [b"-c"] and argv[3:5] == [WRAPPER_NAME.encode(), os.fsencode(control_dir)]
 
 
+def _find_wrapper(control_dir: str) -> int | None:
+    """The pid of a live wrapper for ``control_dir``, found by its command line (only for recovery)."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and _is_our_wrapper(int(entry), control_dir) is True:
+            st = _read_stat(int(entry))
+            if st is not None and st.state not in ("Z", "X", "x"):
+                return int(entry)
+    return None
+
+
 def _read_small(path: str) -> bytes | None:
     """The content of a small file, or None if it does not exist."""
     try:
@@ -750,8 +760,10 @@ class ProcessExecutor:
         """What became of a launch whose handle was never recorded (a crash between launch and record).
 
         Returns the handle of a wrapper that still runs, the job's exit status if it ended, or None if
-        nothing was ever launched into ``control_dir``. A launch that was claimed but left no pid (the
-        core died in the microseconds in between) or whose wrapper vanished without a status is ``lost``.
+        nothing ever ran in ``control_dir``. A claim whose wrapper never wrote its pid and runs nowhere
+        (the core died between claiming and forking) is such a launch that never happened: the claim is
+        released so the job can be launched again — the wrapper writes its pid before the job starts, so
+        no job ran. A wrapper that vanished without a status is ``lost``.
         """
         cdir = os.path.abspath(control_dir)
         data = _read_small(os.path.join(cdir, PID_FILE))
@@ -760,6 +772,13 @@ class ProcessExecutor:
         done = _status_from_file(cdir)
         if done is not None:
             return _setup_failure(cdir, done)
+        if not data.strip():
+            pid = _find_wrapper(cdir)
+            st = _read_stat(pid) if pid is not None else None
+            if pid is None or st is None:
+                self._release_claim(cdir)
+                return None
+            return ProcessHandle(pid=pid, pgid=st.pgid, start_ticks=st.start_ticks, control_dir=cdir)
         if data.endswith(b"\n") and data.strip().isdigit():
             pid = int(data)
             st = _read_stat(pid)
