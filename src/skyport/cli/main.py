@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from skyport.cli import infra, jobs
+from skyport.cli import infra, jobs, simulate
 from skyport.cli.output import fail, print_json
 from skyport.server.settings import Settings
 
@@ -150,6 +150,7 @@ def user_revoke(
 
 jobs.register(app)
 infra.register(app)
+simulate.register(app)
 
 
 def main() -> None:
