@@ -324,3 +324,24 @@ def test_tables_fit_an_80_column_terminal(shared_core: CoreProcess) -> None:
         assert not too_long, f"`skyport {command}` prints lines over 80 columns: {too_long}"
     assert "…" in outputs["jobs"]  # the long name is cut, not wrapped
     assert job_id in outputs["show"].replace("\n", "")
+
+
+def test_an_array_job_is_one_submission_one_line_and_its_tasks_on_demand(cli: Cli, tmp_path: Path) -> None:
+    """`submit` prints the array's id; `jobs` shows it as one line; `show` and `jobs --array` detail it."""
+    (tmp_path / "sweep.sh").write_text(
+        "#!/bin/sh\n#SWM name sweep\n#SWM array 1-4%2\necho task $SKYPORT_ARRAY_INDEX\n"
+    )
+    array_id = cli.submit("sweep.sh", cwd=tmp_path)
+    wait_for(
+        lambda: cli.json("show", array_id)["states"] == {"completed": 4},
+        DEADLINE_S,
+        "the array's four tasks to complete",
+        0.2,
+    )
+
+    listing = cli.run("jobs").stdout
+    assert "sweep[1-4%2]" in listing and listing.count("sweep") == 1
+    tasks = cli.json("jobs", "--array", array_id)
+    assert sorted(t["array_index"] for t in tasks) == [1, 2, 3, 4]
+    assert {cli.run("logs", t["id"]).stdout for t in tasks} == {f"task {i}\n" for i in range(1, 5)}
+    assert "2" in cli.run("show", array_id).stdout  # the throttle, "at once"

@@ -469,7 +469,9 @@ def test_depends_must_be_job_ids(value: str, fragment: str) -> None:
 def test_an_array_range_is_checked_by_the_model_and_placed_on_its_line() -> None:
     problem = only_problem(script("#SWM name x", "#SWM array 1-x"))
     assert problem.line == 3
-    assert problem.message == "array: array range '1-x' is not valid (e.g. 1-100 or 1-1000%50)"
+    assert (
+        problem.message == "array: array range '1-x' is not valid (e.g. 1-100, 1-1000%50, 1,3,5-9, 0-99:10)"
+    )
 
 
 @pytest.mark.parametrize(

@@ -31,7 +31,7 @@ from skyport.cli.output import err_console, fail
 from skyport.cli.submitting import ARGV_KEY, Overrides, SubmitCommand, build_spec, check_inputs
 from skyport.client import ApiError, Client, ClientConfig, ClientError, ConfigError
 from skyport.client.api import dumps
-from skyport.models import Job, JobState
+from skyport.models import ArrayJob, Job, JobState
 
 T = TypeVar("T")
 
@@ -233,6 +233,17 @@ def submit(
     check_inputs(spec, files)
     with client() as c:
         job = call(partial(c.submit, spec, inputs=files))
+        if job.array_id:  # an array job: its id names it; its tasks are listed with `jobs --array`
+            emit(
+                call(lambda: c.array(job.array_id)),
+                json_out,
+                lambda a: Text(a.id, no_wrap=True, overflow="ignore"),
+            )
+            if not json_out:
+                err_console.print(
+                    f"[dim]array job: `skyport jobs --array {job.array_id}` lists its tasks[/dim]"
+                )
+            return
         if not wait:
             emit(job, json_out, lambda j: Text(j.id, no_wrap=True, overflow="ignore"))
             return
@@ -251,34 +262,64 @@ def jobs(
     ] = None,
     user: Annotated[str | None, typer.Option("--user", "-u", help="Only this user's jobs (admins)")] = None,
     name: Annotated[str | None, typer.Option("--name", "-n", help="Only jobs with this name")] = None,
+    array: Annotated[str | None, typer.Option("--array", help="The tasks of this array job")] = None,
     limit: Annotated[int, typer.Option(min=1, max=1000, help="Jobs per page")] = 100,
     all_pages: Annotated[
         bool, typer.Option("--all", "-a", help="All matching jobs, page after page")
     ] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """List jobs, yours (or everyone's, for admins).
+    """List jobs, yours (or everyone's, for admins); an array job is one line (--array ID: its tasks).
 
     Example: [bold]skyport jobs --state running --state queued[/bold]
+
+    Example: [bold]skyport jobs --array 5c1f6a7b-0b6e-4a8e-9d27-3f1e9f2c8c90[/bold]
     """
-    fetch = partial(Client.jobs, states=states, name=name, user=user, limit=limit)
+    # Array tasks are listed with their array (--array), not one by one among the other jobs.
+    tasks = None if array else False
+    fetch = partial(Client.jobs, states=states, name=name, user=user, limit=limit, array=array, tasks=tasks)
     with client() as c:
         page = call(partial(fetch, c))
         items = list(page.items)
         while all_pages and page.next:
             page = call(partial(fetch, c, after=page.next))
             items += page.items
-    emit(items, json_out, render.jobs, "jobs")
+        arrays = [] if array or json_out or states or name else call(lambda: c.arrays(limit=limit))
+    if items or not arrays:
+        emit(items, json_out, render.jobs, "jobs")
+    if arrays:
+        console.print(render.arrays(arrays))
     if page.next:
         err_console.print(f"[dim]showing the first {len(items)} jobs: --all for every one[/dim]")
 
 
 def show(job_id: JobId, json_out: JsonOpt = False) -> None:
-    """Show everything about one job.
+    """Show everything about one job, or an array job's tasks by state.
 
     Example: [bold]skyport show 0b6e9f2c-3f1e-4a8e-9d27-5c1f6a7b8c90[/bold]
     """
-    query(lambda c: c.job(job_id), render.job, json_out)
+    with client() as c:
+        found: Job | ArrayJob = call(
+            lambda: _job_or_array(job_id, lambda: c.job(job_id), lambda: c.array(job_id))
+        )
+    emit(found, json_out, render.job if isinstance(found, Job) else render.array)
+
+
+def _job_or_array(
+    some_id: str, as_job: Callable[[], Job], as_array: Callable[[], ArrayJob]
+) -> Job | ArrayJob:
+    """A job by its id, or else an array job by its id (they share the same id space of UUIDs)."""
+    try:
+        return as_job()
+    except ApiError as not_a_job:
+        if not_a_job.status != 404:
+            raise
+        try:
+            return as_array()
+        except ApiError as not_an_array:
+            if not_an_array.status == 404:
+                raise not_a_job from None  # neither: say so as for a job
+            raise
 
 
 def logs(
@@ -332,7 +373,15 @@ def cancel(job_id: JobId, json_out: JsonOpt = False) -> None:
 
     Example: [bold]skyport cancel 0b6e9f2c-3f1e-4a8e-9d27-5c1f6a7b8c90[/bold]
     """
-    query(lambda c: c.cancel(job_id), _canceled, json_out)
+    with client() as c:
+        found = call(lambda: _job_or_array(job_id, lambda: c.cancel(job_id), lambda: c.cancel_array(job_id)))
+    emit(found, json_out, _canceled if isinstance(found, Job) else _array_canceled)
+
+
+def _array_canceled(array: ArrayJob) -> Text:
+    return Text(
+        f"✓ array job {array.id}: queued tasks canceled, running ones stopping ({render.counts(array)})"
+    )
 
 
 def _canceled(job: Job) -> Text:

@@ -17,7 +17,7 @@ from rich.console import JustifyMethod, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from skyport.models import Event, Flavor, Image, Job, JobState, Node, Remote
+from skyport.models import ArrayJob, Event, Flavor, Image, Job, JobState, Node, Remote
 
 STATE_STYLES: dict[str, str] = {
     JobState.QUEUED: "yellow",
@@ -143,7 +143,7 @@ def jobs(items: Sequence[Job]) -> Table:
     rows = (
         [
             j.id,
-            j.name,
+            j.name if j.array_index is None else f"{j.name}[{j.array_index}]",
             j.owner,
             state(j.state),
             ",".join(j.node_names) or "-",
@@ -180,6 +180,8 @@ def job(item: Job) -> Table:
             ("owner", f"{item.owner} (account {item.account})"),
             ("state", status),
             ("reason", item.reason),
+            ("expected start", when(item.estimated_start, full=True) if item.estimated_start else None),
+            ("depends on", ", ".join(spec.depends)),
             ("attempt", str(item.attempt) if item.attempt > 1 else None),
             ("exit", exit_status(item)),
             ("cancel", "requested" if item.cancel_requested and not item.state.terminal else None),
@@ -315,3 +317,42 @@ def outputs(items: Sequence[dict[str, Any]]) -> Table:
 
 def empty(what: str) -> RenderableType:
     return Text(f"no {what}", style="dim")
+
+
+def counts(array: ArrayJob) -> str:
+    """``3 running, 10 queued, 87 completed``: the tasks of an array by state, in lifecycle order."""
+    order = list(JobState)
+    parts = [
+        f"{n} {s.value}" for s, n in sorted(array.states.items(), key=lambda kv: order.index(kv[0])) if n
+    ]
+    return ", ".join(parts) or "no tasks"
+
+
+def arrays(items: Sequence[ArrayJob]) -> Table:
+    columns = [
+        Column("ARRAY", shrink=True),
+        Column("NAME", shrink=True),
+        Column("USER", shrink=True),
+        Column("TASKS", justify="right"),
+        Column("STATES", shrink=True),
+        Column("SUBMITTED"),
+    ]
+    rows = (
+        [a.id, f"{a.name}[{a.range}]", a.owner, str(a.size), counts(a), when(a.submit_time)] for a in items
+    )
+    return table(columns, rows)
+
+
+def array(item: ArrayJob) -> Table:
+    return _fields(
+        [
+            ("array", item.id),
+            ("name", item.name),
+            ("owner", item.owner),
+            ("tasks", f"{item.size} ({item.range})"),
+            ("at once", str(item.throttle) if item.throttle else None),
+            ("states", counts(item)),
+            ("submitted", when(item.submit_time, full=True)),
+            ("list them", f"skyport jobs --array {item.id}"),
+        ]
+    )

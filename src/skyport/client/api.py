@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 from skyport.client.config import ClientConfig
 from skyport.jobscript import JobScriptError, parse_jobscript
-from skyport.models import Event, Flavor, Image, Job, JobSpec, JobState, Node, Page, Remote, User
+from skyport.models import ArrayJob, Event, Flavor, Image, Job, JobSpec, JobState, Node, Page, Remote, User
 
 T = TypeVar("T", bound=BaseModel)
 TIMEOUT = httpx.Timeout(30.0, connect=10.0)
@@ -116,9 +116,19 @@ def _submit_call(spec: JobSpec | None, script: str | None, inputs: Sequence[Path
 
 
 def _list_params(
-    states: Sequence[JobState] | None, name: str | None, user: str | None, limit: int, after: str | None
+    states: Sequence[JobState] | None,
+    name: str | None,
+    user: str | None,
+    limit: int,
+    after: str | None,
+    array: str | None = None,
+    tasks: bool | None = None,
 ) -> dict[str, Any]:
     params: dict[str, Any] = {"limit": limit}
+    if array is not None:
+        params["array"] = array
+    if tasks is not None:
+        params["tasks"] = "true" if tasks else "false"
     if states:
         params["state"] = [s.value for s in states]
     for key, value in (("name", name), ("user", user), ("after", after)):
@@ -174,12 +184,24 @@ class Client:
         user: str | None = None,
         limit: int = 100,
         after: str | None = None,
+        array: str | None = None,
+        tasks: bool | None = None,
     ) -> Page[Job]:
-        params = _list_params(states, name, user, limit, after)
+        """A page of jobs; ``array``: only that array's tasks; ``tasks=False``: no array tasks."""
+        params = _list_params(states, name, user, limit, after, array, tasks)
         return self._model(Page[Job], _Call("GET", "/api/v1/jobs", params=params))
 
     def job(self, job_id: str) -> Job:
         return self._model(Job, _Call("GET", f"/api/v1/jobs/{job_id}"))
+
+    def arrays(self, limit: int = 100) -> list[ArrayJob]:
+        return self._model(Page[ArrayJob], _Call("GET", "/api/v1/arrays", params={"limit": limit})).items
+
+    def array(self, array_id: str) -> ArrayJob:
+        return self._model(ArrayJob, _Call("GET", f"/api/v1/arrays/{array_id}"))
+
+    def cancel_array(self, array_id: str) -> ArrayJob:
+        return self._model(ArrayJob, _Call("POST", f"/api/v1/arrays/{array_id}/cancel"))
 
     def wait(self, job_id: str, timeout: float = 30.0) -> Job:
         """The job once it has ended, or as it is after ``timeout`` seconds (at most 60 per call)."""

@@ -7,6 +7,7 @@ without the server's dependencies doing anything.
 from skyport.models.infra import Flavor, Image, Node, Remote, Resource
 from skyport.models.job import (
     TERMINAL_STATES,
+    ArrayJob,
     Event,
     Job,
     JobSpec,
@@ -18,6 +19,7 @@ from skyport.models.user import User
 
 __all__ = [
     "TERMINAL_STATES",
+    "ArrayJob",
     "Event",
     "Flavor",
     "Image",

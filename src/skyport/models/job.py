@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import re
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Generic, Literal, TypeVar
 
@@ -18,6 +19,40 @@ _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{1
 #: Largest size in bytes (a signed 64-bit column).
 MAX_BYTES = 2**63 - 1
 _ARRAY = re.compile(r"^\d+(-\d+(:\d+)?)?(,\d+(-\d+(:\d+)?)?)*(%\d+)?$")
+
+
+#: Most tasks one array job may have.
+MAX_ARRAY_TASKS = 100_000
+
+
+@dataclass(frozen=True)
+class ArrayRange:
+    """A parsed ``array`` directive: the task indices, in order, and how many may run at once."""
+
+    indices: tuple[int, ...]
+    throttle: int | None
+
+
+def parse_array(text: str) -> ArrayRange:
+    """``1-1000%50``, ``0,4,8-12``, ``1-100:10`` (every 10th). Raises ValueError with the reason."""
+    if not _ARRAY.match(text):
+        raise ValueError(f"array range {text!r} is not valid (e.g. 1-100, 1-1000%50, 1,3,5-9, 0-99:10)")
+    spec, _, throttle_text = text.partition("%")
+    indices: list[int] = []
+    for part in spec.split(","):
+        bounds, _, step_text = part.partition(":")
+        first, _, last = bounds.partition("-")
+        start, end, step = int(first), int(last or first), int(step_text or 1)
+        if end < start or step < 1:
+            raise ValueError(f"array range part {part!r} is empty: write low-high with low <= high")
+        if len(indices) + (end - start) // step + 1 > MAX_ARRAY_TASKS:
+            raise ValueError(f"an array job may have at most {MAX_ARRAY_TASKS} tasks")
+        indices.extend(range(start, end + 1, step))
+    unique = tuple(sorted(set(indices)))
+    throttle = int(throttle_text) if throttle_text else None
+    if throttle is not None and throttle < 1:
+        raise ValueError("the array throttle (after %) must be at least 1")
+    return ArrayRange(unique, throttle)
 
 
 class JobState(enum.StrEnum):
@@ -175,8 +210,8 @@ class JobSpec(BaseModel):
     @field_validator("array")
     @classmethod
     def _array_range(cls, array: str | None) -> str | None:
-        if array is not None and not _ARRAY.match(array):
-            raise ValueError(f"array range {array!r} is not valid (e.g. 1-100 or 1-1000%50)")
+        if array is not None:
+            parse_array(array)  # raises with the reason
         return array
 
     @field_validator("input_files", "output_files")
@@ -220,6 +255,11 @@ class Job(BaseModel):
     exit_code: int | None = None
     signal: int | None = None
     cancel_requested: bool = False
+    #: For a task of an array job: the array's id and this task's index.
+    array_id: str = ""
+    array_index: int | None = None
+    #: While queued: when the scheduler expects it to start, if it can tell.
+    estimated_start: datetime | None = None
     spec: JobSpec
 
     @property
@@ -229,6 +269,24 @@ class Job(BaseModel):
             return 0.0
         end = self.end_time or datetime.now(self.start_time.tzinfo)
         return max(0.0, (end - self.start_time).total_seconds())
+
+
+class ArrayJob(BaseModel):
+    """An array job: one submission, ``size`` tasks (each a job), at most ``throttle`` running at once."""
+
+    id: str
+    name: str
+    owner: str
+    range: str
+    size: int
+    throttle: int | None = None
+    submit_time: datetime
+    #: How many of its tasks are in each state.
+    states: dict[JobState, int] = Field(default_factory=dict)
+
+    @property
+    def done(self) -> bool:
+        return sum(n for s, n in self.states.items() if s.terminal) == self.size
 
 
 class Event(BaseModel):

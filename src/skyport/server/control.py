@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from skyport.models import Job, JobState
+from skyport.models import ArrayJob, Job, JobState
 from skyport.models.job import ACTIVE_STATES, TERMINAL_STATES
 from skyport.server.auth import Principal, may_see_job
 from skyport.server.clock import Clock
@@ -52,6 +52,36 @@ def _cancel(conn: Connection, principal: Principal, job_id: str, now: datetime) 
         job_store.add_event(
             conn, job_id, row.attempt, state, "cancel_requested", f"Cancel requested by {who}", now
         )
+    return True
+
+
+def _cancel_array(conn: Connection, principal: Principal, array_id: str, now: datetime) -> bool:
+    """Cancel every task of an array job: the queued ones at once (one batch), the others on request."""
+    array = job_store.get_array(conn, array_id)
+    if array is None or not may_see_job(principal, array.owner):
+        return False
+    who = principal.user.name
+    rows = job_store.rows_of_array(conn, array_id)
+    queued = [
+        job_store.StateChange(
+            r.id,
+            JobState.CANCELED,
+            "canceled",
+            f"Canceled by {who} (with its array)",
+            frozenset({JobState.QUEUED}),
+            {"end_time": now, "canceled_by": who},
+        )
+        for r in rows
+        if r.state == JobState.QUEUED.value
+    ]
+    job_store.transition(conn, queued, now)
+    for r in rows:
+        state = JobState(r.state)
+        if state in ACTIVE_STATES and not r.cancel_requested:
+            job_store.set_flags(conn, r.id, cancel_requested=True, canceled_by=who)
+            job_store.add_event(
+                conn, r.id, r.attempt, state, "cancel_requested", f"Cancel requested by {who}", now
+            )
     return True
 
 
@@ -103,6 +133,17 @@ class JobControl:
 
     async def cancel(self, principal: Principal, job_id: str) -> Job | None:
         return await self._act(_cancel, principal, job_id)
+
+    async def cancel_array(self, principal: Principal, array_id: str) -> ArrayJob | None:
+        if not await self._store.write(_cancel_array, principal, array_id, self._clock.now()):
+            return None
+        self._wake_execution.ring()
+        self._on_change()
+        return await self.get_array(principal, array_id)
+
+    async def get_array(self, principal: Principal, array_id: str) -> ArrayJob | None:
+        array = await self._store.read(job_store.get_array, array_id)
+        return array if array is not None and may_see_job(principal, array.owner) else None
 
     async def requeue(self, principal: Principal, job_id: str) -> Job | None:
         return await self._act(_requeue, principal, job_id)

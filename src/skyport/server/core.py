@@ -55,6 +55,7 @@ class Core:
             self.clock,
             self.metrics,
             self.notifier,
+            settings.scheduler,
             interval_s=settings.scheduler_interval_s,
             on_placed=execution_wakeup,
         )
@@ -67,6 +68,7 @@ class Core:
             self.gates,
             cancel_grace_s=settings.local.cancel_grace_s,
             interval_s=settings.scheduler_interval_s,
+            usage_half_life_s=settings.scheduler.usage_half_life_s,
             wakeup=execution_wakeup,
             on_finished=self.scheduler.capacity_changed,
         )

@@ -12,11 +12,13 @@ import hashlib
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path, PurePosixPath
 
 from sqlalchemy import Connection
 
 from skyport.models import Flavor, Image, Job, JobSpec, JobState, Remote, User
+from skyport.models.job import parse_array
 from skyport.server.clock import Clock
 from skyport.server.ids import IdSource
 from skyport.server.metrics import Metrics
@@ -57,12 +59,13 @@ def safe_relative_name(name: str) -> str:
 class _GroupCommit:
     def __init__(self, store: Store) -> None:
         self._store = store
-        self._pending: list[tuple[job_store.NewJob, asyncio.Future[None]]] = []
+        self._pending: list[tuple[list[job_store.NewJob], asyncio.Future[None]]] = []
         self._flushing = False
 
-    async def add(self, job: job_store.NewJob) -> None:
+    async def add(self, submission: list[job_store.NewJob]) -> None:
+        """Commit one submission (a job, or all tasks of an array job) with whatever else is waiting."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((job, fut))
+        self._pending.append((submission, fut))
         if not self._flushing:
             self._flushing = True
             try:
@@ -73,9 +76,9 @@ class _GroupCommit:
                 self._flushing = False
         await fut
 
-    async def _write(self, batch: list[tuple[job_store.NewJob, asyncio.Future[None]]]) -> None:
+    async def _write(self, batch: list[tuple[list[job_store.NewJob], asyncio.Future[None]]]) -> None:
         try:
-            await self._store.write(job_store.insert_jobs, [j for j, _ in batch])
+            await self._store.write(job_store.insert_jobs, [j for jobs, _ in batch for j in jobs])
         except Exception as exc:  # every waiter learns the commit failed
             for _, fut in batch:
                 if not fut.done():
@@ -124,7 +127,7 @@ class Intake:
         account_name = spec.account or user_store.DEFAULT_ACCOUNT
         account_id = await self._account_id(user, account_name)
         remote_id = await self._remote_id(spec)
-        self._check_unsupported(spec)
+        await self._check_dependencies(user, spec)
         walltime = self._walltime(spec)
         upload_names = [safe_relative_name(u.name) for u in uploads]
         if len(set(upload_names)) != len(upload_names):
@@ -143,24 +146,34 @@ class Intake:
 
         job_id = self._ids.new()
         now = self._clock.now()
+        array = self._array(user, spec, now)
+        # An array's uploads are kept once, under the array's id, for all its tasks.
+        keep_under = array.id if array else job_id
         try:
-            files = await self._keep_uploads(job_id, uploads)
-            new = job_store.NewJob(
-                id=job_id,
-                owner_id=user.id,
-                account_id=account_id,
-                spec=spec,
-                submit_time=now,
-                walltime=walltime,
-                remote_id=remote_id,
-                input_files=files,
-            )
-            await self._commit.add(new)
+            files = await self._keep_uploads(keep_under, uploads)
+            tasks = [
+                job_store.NewJob(
+                    id=job_id if i == 0 else self._ids.new(),
+                    owner_id=user.id,
+                    account_id=account_id,
+                    spec=spec,
+                    submit_time=now,
+                    walltime=walltime,
+                    remote_id=remote_id,
+                    input_files=files,
+                    array=array,
+                    array_index=index,
+                )
+                for i, index in enumerate(parse_array(spec.array).indices if spec.array else [None])
+            ]
+            await self._commit.add(tasks)
         except BaseException:
-            await asyncio.to_thread(self._spool.remove, job_id)
+            await asyncio.to_thread(self._spool.remove, keep_under)
             raise
         return Job(
             id=job_id,
+            array_id=array.id if array else "",
+            array_index=tasks[0].array_index,
             owner=user.name,
             account=account_name,
             name=spec.name,
@@ -196,14 +209,28 @@ class Intake:
             raise SubmissionError(f"unknown cloud image {spec.cloud_image!r}: see `skyport images`")
         return remote.id if remote else None
 
-    @staticmethod
-    def _check_unsupported(spec: JobSpec) -> None:
-        if spec.array is not None:
-            raise SubmissionError(
-                "array jobs are not supported by this core yet: submit the tasks one by one"
-            )
-        if spec.depends:
-            raise SubmissionError("job dependencies are not supported by this core yet")
+    def _array(self, user: User, spec: JobSpec, now: datetime) -> job_store.NewArray | None:
+        if spec.array is None:
+            return None
+        parsed = parse_array(spec.array)
+        return job_store.NewArray(
+            id=self._ids.new(),
+            owner_id=user.id,
+            name=spec.name,
+            range=spec.array,
+            size=len(parsed.indices),
+            throttle=parsed.throttle,
+            submit_time=now,
+        )
+
+    async def _check_dependencies(self, user: User, spec: JobSpec) -> None:
+        """Every job depended on must exist and be the submitter's (or the submitter an admin)."""
+        if not spec.depends:
+            return
+        owners = await self._store.read(job_store.owners_of, spec.depends)
+        unknown = [d for d in spec.depends if d not in owners or (owners[d] != user.id and not user.is_admin)]
+        if unknown:
+            raise SubmissionError(f"the job depends on unknown job(s): {', '.join(unknown)}")
 
     def _walltime(self, spec: JobSpec) -> int | None:
         local = self._settings.local

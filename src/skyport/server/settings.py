@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import (
@@ -50,6 +50,20 @@ class LocalGateSettings(BaseModel):
     max_walltime: int | None = Field(default=None, ge=1)
 
 
+class SchedulerSettings(BaseModel):
+    """How queued jobs are ordered and placed (DESIGN §6)."""
+
+    algorithm: Literal["fcfs", "backfill", "fairshare"] = "backfill"
+    weight_priority: float = 1.0
+    weight_fairshare: float = 1000.0
+    weight_age: float = Field(default=1.0, description="per hour waited")
+    max_age_hours: float = Field(default=168.0, gt=0)
+    #: Walltime assumed for jobs that give none, when planning reservations (seconds).
+    default_walltime: int = Field(default=3600, ge=1)
+    #: Fair-share usage halves every this many seconds.
+    usage_half_life_s: float = Field(default=7 * 86400.0, gt=0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SKYPORT_", env_nested_delimiter="__", extra="forbid")
 
@@ -67,6 +81,7 @@ class Settings(BaseSettings):
     log_level: str = "info"
     log_json: bool = False
     local: LocalGateSettings = Field(default_factory=LocalGateSettings)
+    scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
 
     @classmethod
     def settings_customise_sources(

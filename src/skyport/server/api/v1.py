@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse, StreamingResponse
 
-from skyport.models import Event, Flavor, Image, Job, JobState, Node, Page, Remote, User
+from skyport.models import ArrayJob, Event, Flavor, Image, Job, JobState, Node, Page, Remote, User
 from skyport.server.api.deps import check_job_id, get_core, get_principal, model_response
 from skyport.server.api.submission import submission
 from skyport.server.auth import Principal, owner_filter, require_admin
@@ -70,11 +70,20 @@ async def list_jobs(
     state: Annotated[list[JobState] | None, Query(description="only jobs in these states")] = None,
     name: str | None = None,
     user: Annotated[str | None, Query(description="only this user's jobs (admins)")] = None,
+    array: Annotated[str | None, Query(description="only the tasks of this array job")] = None,
+    tasks: Annotated[
+        bool | None, Query(description="false: leave out tasks of array jobs (see /arrays); true: only them")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     after: Annotated[str | None, Query(description="the 'next' cursor of the previous page")] = None,
 ) -> Response:
     flt = job_store.JobFilter(
-        owner_id=owner_filter(principal), states=frozenset(state or ()), name=name, owner_name=user
+        owner_id=owner_filter(principal),
+        states=frozenset(state or ()),
+        name=name,
+        owner_name=user,
+        array_id=check_job_id(array) if array else None,
+        in_arrays=tasks,
     )
     try:
         items, nxt = await core.store.read(job_store.list_jobs, flt, limit=limit, after=after)
@@ -179,6 +188,34 @@ async def job_output_file(job_id: str, name: str, core: CoreDep, principal: Prin
     if safe_relative_name(name) not in known:
         raise HTTPException(404, f"job {job.id} has no output file {name!r}")
     return FileResponse(core.outputs.output_path(job.id, name), filename=name.rsplit("/", 1)[-1])
+
+
+@router.get(
+    "/arrays", response_model=Page[ArrayJob], summary="Array jobs, newest first, tasks counted by state"
+)
+async def list_arrays(
+    core: CoreDep, principal: PrincipalDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+) -> Response:
+    items = await core.store.read(job_store.list_arrays, owner_filter(principal), limit=limit)
+    return model_response(Page[ArrayJob](items=items))
+
+
+@router.get("/arrays/{array_id}", response_model=ArrayJob, summary="One array job")
+async def get_array(array_id: str, core: CoreDep, principal: PrincipalDep) -> Response:
+    array = await core.control.get_array(principal, check_job_id(array_id))
+    if array is None:
+        raise HTTPException(404, f"no array job {array_id} (or it is not yours)")
+    return model_response(array)
+
+
+@router.post(
+    "/arrays/{array_id}/cancel", response_model=ArrayJob, summary="Cancel every task of an array job"
+)
+async def cancel_array(array_id: str, core: CoreDep, principal: PrincipalDep) -> Response:
+    array = await core.control.cancel_array(principal, check_job_id(array_id))
+    if array is None:
+        raise HTTPException(404, f"no array job {array_id} (or it is not yours)")
+    return model_response(array)
 
 
 @router.get("/nodes", response_model=Page[Node], summary="Nodes")

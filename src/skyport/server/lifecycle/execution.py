@@ -10,11 +10,14 @@ down, launched if it never started), so nothing is left untracked after a crash.
 from __future__ import annotations
 
 import asyncio
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import structlog
+from sqlalchemy import Connection
 
 from skyport.gates.base import ExecutorGate, Exit, GateError, Handle, JobLaunch
 from skyport.models import JobSpec, JobState
@@ -24,6 +27,7 @@ from skyport.server.lifecycle.wakeup import JobNotifier, Wakeup
 from skyport.server.metrics import Metrics
 from skyport.server.spool import Spool
 from skyport.server.store import jobs as job_store
+from skyport.server.store import users as user_store
 from skyport.server.store.engine import Store
 
 log = structlog.get_logger(__name__)
@@ -31,6 +35,22 @@ log = structlog.get_logger(__name__)
 LAUNCHABLE = frozenset({JobState.SCHEDULED, JobState.STAGING_IN})
 STARTED = frozenset({JobState.SCHEDULED, JobState.STAGING_IN, JobState.RUNNING})
 LAUNCH_BATCH = 1000
+
+
+def _apply_and_charge(
+    conn: Connection, changes: list[job_store.StateChange], now: datetime, half_life_s: float
+) -> list[job_store.StateChange]:
+    """Record state changes; charge the CPU time of every attempt that ended to its account (fair share)."""
+    used = job_store.cpu_seconds_used(conn, [c.job_id for c in changes], now)
+    applied = job_store.transition(conn, changes, now)
+    charges: dict[str, float] = defaultdict(float)
+    for change in applied:
+        if (change.to_state.terminal or change.to_state is JobState.QUEUED) and change.job_id in used:
+            account_id, cpu_seconds = used[change.job_id]
+            charges[account_id] += cpu_seconds
+    if charges:
+        user_store.charge_usage(conn, charges, now, half_life_s)
+    return applied
 
 
 @dataclass
@@ -62,6 +82,7 @@ class ExecutionLoop:
         *,
         cancel_grace_s: float,
         interval_s: float,
+        usage_half_life_s: float,
         wakeup: Wakeup,
         on_finished: Callable[[], None],
     ) -> None:
@@ -73,6 +94,7 @@ class ExecutionLoop:
         self._spool = spool
         self._gates = gates
         self._grace = cancel_grace_s
+        self._half_life = usage_half_life_s
         self._interval = interval_s
         self._on_finished = on_finished
         self._tracked: dict[str, _Tracked] = {}
@@ -122,6 +144,9 @@ class ExecutionLoop:
             "SKYPORT_NODES": ",".join(row.node_names),
             "SKYPORT_ATTEMPT": str(row.attempt),
         }
+        if row.array_index is not None:
+            env["SKYPORT_ARRAY_INDEX"] = str(row.array_index)
+            env["SKYPORT_ARRAY_ID"] = row.array_id
         return JobLaunch(
             job_id=row.id,
             attempt=row.attempt,
@@ -129,7 +154,7 @@ class ExecutionLoop:
             owner=row.owner_name,
             spec=spec,
             node_names=list(row.node_names),
-            inputs_dir=self._spool.inputs(row.id),
+            inputs_dir=self._spool.inputs(row.array_id or row.id),  # an array's tasks share its inputs
             outputs_dir=self._spool.outputs(row.id),
             attempt_dir=self._spool.attempt(row.id, row.attempt),
             env=env,
@@ -453,7 +478,7 @@ class ExecutionLoop:
     async def _apply(self, changes: list[job_store.StateChange]) -> list[job_store.StateChange]:
         if not changes:
             return []
-        applied = await self._store.write(job_store.transition, changes, self._clock.now())
+        applied = await self._store.write(_apply_and_charge, changes, self._clock.now(), self._half_life)
         finished = False
         for change in applied:
             self._notifier.changed(change.job_id)

@@ -1,13 +1,15 @@
 """The scheduler loop: read a snapshot, ask the pure ``plan()``, record its decisions.
 
 Woken by submissions and job ends, and on a timer. Placing a job (queued -> scheduled) is the intent the
-execution loop acts on; both are recorded before anything is launched.
+execution loop acts on; both are recorded before anything is launched. Why each queued job waits, and
+when it should start, is recorded too (without an event: it is not a state change).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -19,42 +21,78 @@ from skyport.models.job import ACTIVE_STATES
 from skyport.server.clock import Clock
 from skyport.server.lifecycle.wakeup import JobNotifier, Wakeup
 from skyport.server.metrics import Metrics
-from skyport.server.scheduler import NodeCapacity, PendingJob, Plan, Snapshot, plan
+from skyport.server.scheduler import (
+    AccountState,
+    NodeCapacity,
+    PendingJob,
+    Plan,
+    Policy,
+    RunningJob,
+    Snapshot,
+    Wait,
+    plan,
+)
+from skyport.server.settings import SchedulerSettings
 from skyport.server.store import jobs as job_store
+from skyport.server.store import users as user_store
 from skyport.server.store.engine import Store
-from skyport.server.store.tables import jobs, nodes
+from skyport.server.store.tables import accounts, jobs, nodes
 
 log = structlog.get_logger(__name__)
 
-#: Queued jobs read per pass, from the head of the queue: few while the head is blocked (FCFS starts
-#: nothing behind it, so reading further would only cost time), growing while whole pages get placed.
+#: Queued jobs read per pass, from the head of the queue. FCFS starts nothing behind a blocked head, so
+#: it reads few; backfill looks this deep for jobs that fit the holes (Slurm's bf_max_job_test).
 MIN_PAGE = 64
-MAX_PAGE = 4096
+BACKFILL_DEPTH = 1024
+MAX_PAGE = 8192
 #: Shortest time between two passes. Submissions arrive far faster than placements matter; one pass
 #: per few milliseconds serves them all in batches instead of one pass per submission.
 MIN_PASS_INTERVAL_S = 0.02
 
 
-def _snapshot(conn: Connection, page: int) -> tuple[Snapshot, dict[str, Any], dict[str, Any]]:
+@dataclass(frozen=True)
+class _Read:
+    snapshot: Snapshot
+    node_rows: dict[str, Any]
+    pending_rows: dict[str, Any]
+    any_free: bool  # some node has a free CPU: a new job might start at once
+
+
+def _nodes_and_running(conn: Connection) -> tuple[dict[str, Any], list[Any]]:
     node_rows = {
         r.id: r
         for r in conn.execute(
             select(nodes).where(nodes.c.state_power == "up", nodes.c.state_alloc.in_(["idle", "busy"]))
         )
     }
-    used: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
     active = conn.execute(
-        select(jobs.c.node_ids, jobs.c.cpus, jobs.c.mem, jobs.c.gpus).where(
-            jobs.c.state.in_([s.value for s in ACTIVE_STATES])
+        select(
+            jobs.c.id,
+            jobs.c.node_ids,
+            jobs.c.cpus,
+            jobs.c.mem,
+            jobs.c.gpus,
+            jobs.c.walltime,
+            jobs.c.start_time,
+            jobs.c.scheduled_time,
+            jobs.c.array_id,
+            accounts.c.name.label("account"),
         )
+        .join(accounts, accounts.c.id == jobs.c.account_id)
+        .where(jobs.c.state.in_([s.value for s in ACTIVE_STATES]))
     )
-    for row in active:
+    return node_rows, list(active)
+
+
+def _capacity(node_rows: dict[str, Any], running: list[Any]) -> tuple[NodeCapacity, ...]:
+    used: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+    for row in running:
         for node_id in row.node_ids:
             u = used[node_id]
             u[0] += row.cpus
             u[1] += row.mem
             u[2] += row.gpus
-    capacity = tuple(
+    return tuple(
         NodeCapacity(
             id=n.id,
             remote_id=n.remote_id,
@@ -65,9 +103,15 @@ def _snapshot(conn: Connection, page: int) -> tuple[Snapshot, dict[str, Any], di
             free_mem=n.mem - used[n.id][1],
             free_gpus=n.gpus - used[n.id][2],
             labels=tuple(sorted(n.labels.items())),
+            storage=n.storage,
+            free_storage=n.storage,
+            partition_id=n.partition_id or "",
         )
         for n in node_rows.values()
     )
+
+
+def _pending(conn: Connection, page: int) -> dict[str, Any]:
     queued = conn.execute(
         select(
             jobs.c.id,
@@ -77,44 +121,103 @@ def _snapshot(conn: Connection, page: int) -> tuple[Snapshot, dict[str, Any], di
             jobs.c.cpus,
             jobs.c.mem,
             jobs.c.gpus,
+            jobs.c.walltime,
             jobs.c.submit_time,
             jobs.c.requested_remote_id,
             jobs.c.reason,
             jobs.c.labels,
+            jobs.c.depends,
+            jobs.c.estimated_start,
+            jobs.c.array_id,
+            jobs.c.array_throttle,
+            accounts.c.name.label("account"),
         )
+        .join(accounts, accounts.c.id == jobs.c.account_id)
         .where(jobs.c.state == JobState.QUEUED.value)
         .order_by(jobs.c.priority.desc(), jobs.c.seq.asc())
         .limit(page)
     )
-    pending_rows = {r.id: r for r in queued}
-    pending = tuple(
-        PendingJob(
-            id=r.id,
-            priority=r.priority,
-            seq=r.seq,
-            nodes=r.node_count,
-            cpus=r.cpus,
-            mem=r.mem,
-            gpus=r.gpus,
-            submit_time=r.submit_time,
-            remote_id=r.requested_remote_id,
-            labels=tuple(sorted(r.labels.items())),
-        )
-        for r in pending_rows.values()
+    return {r.id: r for r in queued}
+
+
+def _read_snapshot(conn: Connection, page: int, policy: Policy, now: datetime, half_life_s: float) -> _Read:
+    node_rows, running_rows = _nodes_and_running(conn)
+    capacity = _capacity(node_rows, running_rows)
+    pending_rows = _pending(conn, page)
+    depends = {d for r in pending_rows.values() for d in r.depends}
+    dependency_states = (
+        {r.id: r.state for r in conn.execute(select(jobs.c.id, jobs.c.state).where(jobs.c.id.in_(depends)))}
+        if depends
+        else {}
     )
-    return Snapshot(jobs=pending, nodes=capacity), node_rows, pending_rows
+    snapshot = Snapshot(
+        jobs=tuple(
+            PendingJob(
+                id=r.id,
+                priority=r.priority,
+                seq=r.seq,
+                nodes=r.node_count,
+                cpus=r.cpus,
+                mem=r.mem,
+                gpus=r.gpus,
+                submit_time=r.submit_time,
+                remote_id=r.requested_remote_id,
+                labels=tuple(sorted(r.labels.items())),
+                account=r.account,
+                walltime=r.walltime,
+                after_ok=tuple(r.depends),
+                array_id=r.array_id,
+                array_throttle=r.array_throttle,
+                current_reason=r.reason,
+            )
+            for r in pending_rows.values()
+        ),
+        nodes=capacity,
+        running=tuple(
+            RunningJob(
+                id=r.id,
+                node_ids=tuple(r.node_ids),
+                cpus=r.cpus,
+                mem=r.mem,
+                gpus=r.gpus,
+                start_time=r.start_time or r.scheduled_time or now,
+                walltime=r.walltime,
+                account=r.account,
+                array_id=r.array_id,
+            )
+            for r in running_rows
+        ),
+        accounts={
+            a.name: AccountState(name=a.name, share=a.share, usage=a.usage, budget_left=a.budget)
+            for a in user_store.account_usage(conn, now, half_life_s)
+        },
+        dependency_states=dependency_states,
+        policy=policy,
+    )
+    return _Read(snapshot, node_rows, pending_rows, any(n.free_cpus > 0 for n in capacity))
 
 
 def _record_plan(
     conn: Connection,
     changes: list[job_store.StateChange],
-    waits: dict[tuple[str, str], list[str]],
+    waits: dict[tuple[str, str, datetime | None], list[str]],
     now: datetime,
 ) -> list[job_store.StateChange]:
     applied = job_store.transition(conn, changes, now)
-    for (reason, message), ids in waits.items():
-        job_store.set_wait_reason(conn, ids, reason, message)
+    for (reason, message, estimated_start), ids in waits.items():
+        job_store.set_wait_reason(conn, ids, reason, message, estimated_start)
     return applied
+
+
+def policy_from(settings: SchedulerSettings) -> Policy:
+    return Policy(
+        algorithm=settings.algorithm,
+        weight_priority=settings.weight_priority,
+        weight_fairshare=settings.weight_fairshare,
+        weight_age=settings.weight_age,
+        max_age_hours=settings.max_age_hours,
+        default_walltime=settings.default_walltime,
+    )
 
 
 class SchedulerLoop:
@@ -124,6 +227,7 @@ class SchedulerLoop:
         clock: Clock,
         metrics: Metrics,
         notifier: JobNotifier,
+        settings: SchedulerSettings,
         *,
         interval_s: float,
         on_placed: Wakeup,
@@ -133,16 +237,21 @@ class SchedulerLoop:
         self._clock = clock
         self._metrics = metrics
         self._notifier = notifier
+        self._settings = settings
+        self._policy = policy_from(settings)
         self._interval = interval_s
         self._on_placed = on_placed
-        self._page = MIN_PAGE
-        # Priority of the job at the head of the queue when it could not start (None: not blocked).
+        self._depth = MIN_PAGE if settings.algorithm == "fcfs" else BACKFILL_DEPTH
+        self._page = self._depth
+        # When the last pass could start nothing more: the head's priority, and whether any capacity
+        # was left free (backfill could use it). None: not blocked.
         self._blocked_at: int | None = None
+        self._free_capacity = True
 
     def submitted(self, priority: int) -> None:
-        """A job was queued. FCFS starts nothing behind a blocked head, so only a job that outranks
-        the head can change the plan; the timer and every end still trigger passes."""
-        if self._blocked_at is None or priority > self._blocked_at:
+        """A job was queued. While the head of the queue is blocked and no capacity is free, only a
+        job that outranks the head could change the plan; the timer and every end still run passes."""
+        if self._blocked_at is None or self._free_capacity or priority > self._blocked_at:
             self.wakeup.ring()
 
     def capacity_changed(self) -> None:
@@ -163,20 +272,24 @@ class SchedulerLoop:
 
     async def pass_once(self) -> Plan:
         started = self._clock.monotonic()
-        snapshot, node_rows, pending_rows = await self._store.read(_snapshot, self._page)
-        if not snapshot.jobs:
-            return Plan()
         now = self._clock.now()
-        decided = plan(snapshot, now)
-        await self._record(decided, node_rows, pending_rows)
-        head_waits = next((w for w in decided.waits if w.reason == "Resources"), None)
-        self._blocked_at = (
-            None
-            if head_waits is None
-            else next(j.priority for j in snapshot.jobs if j.id == head_waits.job_id)
+        read = await self._store.read(
+            _read_snapshot, self._page, self._policy, now, self._settings.usage_half_life_s
         )
+        snapshot = read.snapshot
+        if not snapshot.jobs:
+            self._blocked_at = None
+            return Plan()
+        decided = plan(snapshot, now)
+        await self._record(decided, read.node_rows, read.pending_rows, now)
+        blocked = next((w for w in decided.waits if w.reason in {"Resources", "Reservation"}), None)
+        self._blocked_at = (
+            None if blocked is None else next(j.priority for j in snapshot.jobs if j.id == blocked.job_id)
+        )
+        placed = {p.job_id for p in decided.placements}
+        self._free_capacity = read.any_free and not placed
         if decided.waits or len(snapshot.jobs) < self._page:
-            self._page = MIN_PAGE
+            self._page = self._depth
         else:  # the whole page went: more may fit, look again at once with a larger page
             self._page = min(self._page * 4, MAX_PAGE)
             self.wakeup.ring()
@@ -185,8 +298,9 @@ class SchedulerLoop:
             self._on_placed.ring()
         return decided
 
-    async def _record(self, decided: Plan, node_rows: dict[str, Any], pending_rows: dict[str, Any]) -> None:
-        now = self._clock.now()
+    async def _record(
+        self, decided: Plan, node_rows: dict[str, Any], pending_rows: dict[str, Any], now: datetime
+    ) -> None:
         changes = []
         for p in decided.placements:
             placed = [node_rows[n] for n in p.node_ids]
@@ -203,6 +317,7 @@ class SchedulerLoop:
                         "node_names": [n.name for n in placed],
                         "node_ips": [n.ip or n.host for n in placed],
                         "scheduled_time": now,
+                        "estimated_start": None,
                     },
                 )
             )
@@ -214,13 +329,23 @@ class SchedulerLoop:
                     reason=r.reason,
                     message=f"Cannot run: {r.message}",
                     from_states=frozenset({JobState.QUEUED}),
-                    values={"end_time": now},
+                    values={"end_time": now, "estimated_start": None},
                 )
             )
-        waits: dict[tuple[str, str], list[str]] = defaultdict(list)
-        for w in decided.waits:
-            if pending_rows[w.job_id].reason != w.reason:
-                waits[(w.reason, w.message)].append(w.job_id)
+        # Elastic capacity needs a provisioner (not configured yet): such jobs wait, and say so.
+        provision_waits = [
+            Wait(
+                p.job_id,
+                "ProvisionLimit",
+                f"Waiting for elastic capacity: {p.nodes} node(s) of a cloud flavor",
+            )
+            for p in decided.provisions
+        ]
+        waits: dict[tuple[str, str, datetime | None], list[str]] = defaultdict(list)
+        for w in [*decided.waits, *provision_waits]:
+            row = pending_rows[w.job_id]
+            if row.reason != w.reason or _moved(row.estimated_start, w.estimated_start):
+                waits[(w.reason, w.message, w.estimated_start)].append(w.job_id)
         if not changes and not waits:
             return
         applied = await self._store.write(_record_plan, changes, waits, now)
@@ -231,3 +356,10 @@ class SchedulerLoop:
                 self._metrics.scheduling_latency.observe(max(0.0, waited))
             else:
                 self._metrics.finished.labels(state=change.to_state.value).inc()
+
+
+def _moved(before: datetime | None, after: datetime | None) -> bool:
+    """Whether an estimated start changed enough to be worth writing (a second or more)."""
+    if before is None or after is None:
+        return before is not after
+    return abs((after - before).total_seconds()) >= 1.0

@@ -17,13 +17,26 @@ from typing import Any
 
 from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 
-from skyport.models import Event, Job, JobSpec, JobState
-from skyport.server.store.tables import accounts, events, job_files, jobs, remotes, users
+from skyport.models import ArrayJob, Event, Job, JobSpec, JobState
+from skyport.server.store.tables import accounts, arrays, events, job_files, jobs, remotes, users
+
+
+@dataclass(frozen=True)
+class NewArray:
+    """An array job: one submission whose tasks are jobs of their own."""
+
+    id: str
+    owner_id: str
+    name: str
+    range: str
+    size: int
+    throttle: int | None
+    submit_time: datetime
 
 
 @dataclass(frozen=True)
 class NewJob:
-    """A validated submission, ready to be written."""
+    """A validated submission (or one task of an array), ready to be written."""
 
     id: str
     owner_id: str
@@ -33,6 +46,8 @@ class NewJob:
     walltime: int | None
     remote_id: str | None = None
     input_files: Sequence[tuple[str, int, str]] = ()  # (name, size, sha256)
+    array: NewArray | None = None
+    array_index: int | None = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +81,10 @@ def _row_values(job: NewJob) -> dict[str, Any]:
         "node_count": spec.nodes,
         "walltime": job.walltime,
         "labels": spec.labels,
+        "depends": spec.depends,
+        "array_id": job.array.id if job.array else None,
+        "array_index": job.array_index,
+        "array_throttle": job.array.throttle if job.array else None,
         "requested_remote_id": job.remote_id,
         "remote_id": None,
         "node_ids": [],
@@ -83,6 +102,9 @@ def insert_jobs(conn: Connection, new_jobs: Sequence[NewJob]) -> None:
     """Write accepted submissions (one transaction for many: group commit) with their first event."""
     if not new_jobs:
         return
+    new_arrays = {j.array.id: j.array for j in new_jobs if j.array is not None}
+    if new_arrays:
+        conn.execute(insert(arrays), [vars(a) for a in new_arrays.values()])
     conn.execute(insert(jobs), [_row_values(j) for j in new_jobs])
     conn.execute(
         insert(events),
@@ -179,6 +201,25 @@ def _write_rows(conn: Connection, rows: list[tuple[str, str, dict[str, Any]]]) -
             raise RuntimeError(f"state change raced: {result.rowcount} of {len(params)} jobs updated")
 
 
+def owners_of(conn: Connection, job_ids: Sequence[str]) -> dict[str, str]:
+    """Job id -> owner's user id, for the jobs that exist."""
+    rows = conn.execute(select(jobs.c.id, jobs.c.owner_id).where(jobs.c.id.in_(job_ids)))
+    return {r.id: r.owner_id for r in rows}
+
+
+def cpu_seconds_used(conn: Connection, job_ids: Sequence[str], now: datetime) -> dict[str, tuple[str, float]]:
+    """For jobs that started: job id -> (account id, CPU-seconds used until ``now``)."""
+    rows = conn.execute(
+        select(jobs.c.id, jobs.c.account_id, jobs.c.cpus, jobs.c.node_count, jobs.c.start_time).where(
+            jobs.c.id.in_(job_ids), jobs.c.start_time.is_not(None)
+        )
+    )
+    return {
+        r.id: (r.account_id, r.cpus * r.node_count * max(0.0, (now - r.start_time).total_seconds()))
+        for r in rows
+    }
+
+
 def requeue_values(attempt: int) -> dict[str, Any]:
     """Column values that start attempt ``attempt + 1`` of a job from scratch."""
     return {
@@ -192,6 +233,7 @@ def requeue_values(attempt: int) -> dict[str, Any]:
         "requeue_requested": False,
         "canceled_by": None,
         "scheduled_time": None,
+        "estimated_start": None,
         "start_time": None,
         "end_time": None,
         "exit_code": None,
@@ -199,12 +241,14 @@ def requeue_values(attempt: int) -> dict[str, Any]:
     }
 
 
-def set_wait_reason(conn: Connection, job_ids: Sequence[str], reason: str, message: str) -> None:
-    """Why queued jobs wait (not a state change, so no event): one statement for many jobs."""
+def set_wait_reason(
+    conn: Connection, job_ids: Sequence[str], reason: str, message: str, estimated_start: datetime | None
+) -> None:
+    """Why queued jobs wait and when they should start (not a state change, so no event)."""
     conn.execute(
         update(jobs)
         .where(jobs.c.id.in_(job_ids), jobs.c.state == JobState.QUEUED.value)
-        .values(reason=reason, state_details=message)
+        .values(reason=reason, state_details=message, estimated_start=estimated_start)
     )
 
 
@@ -271,6 +315,9 @@ def job_from_row(row: Any) -> Job:
         end_time=row.end_time,
         exit_code=row.exit_code,
         signal=row.signal,
+        estimated_start=row.estimated_start,
+        array_id=row.array_id or "",
+        array_index=row.array_index,
         cancel_requested=row.cancel_requested,
         spec=JobSpec.model_validate(row.spec),
     )
@@ -292,6 +339,8 @@ class JobFilter:
     states: frozenset[JobState] = frozenset()
     name: str | None = None
     owner_name: str | None = None
+    array_id: str | None = None  # only the tasks of this array
+    in_arrays: bool | None = None  # False: jobs that are not array tasks; True: only tasks
 
 
 def encode_cursor(seq: int) -> str:
@@ -323,6 +372,10 @@ def list_jobs(
         query = query.where(jobs.c.name == flt.name)
     if flt.owner_name is not None:
         query = query.where(users.c.name == flt.owner_name)
+    if flt.array_id is not None:
+        query = query.where(jobs.c.array_id == flt.array_id)
+    if flt.in_arrays is not None:
+        query = query.where(jobs.c.array_id.is_not(None) if flt.in_arrays else jobs.c.array_id.is_(None))
     if after is not None:
         seq = decode_cursor(after)
         query = query.where(jobs.c.seq < seq if newest_first else jobs.c.seq > seq)
@@ -397,3 +450,55 @@ def replace_files(conn: Connection, job_id: str, kind: str, files: Sequence[tupl
             insert(job_files),
             [{"job_id": job_id, "kind": kind, "name": n, "size": s, "sha256": h} for n, s, h in files],
         )
+
+
+def _array_from(row: Any, counts: dict[str, int]) -> ArrayJob:
+    return ArrayJob(
+        id=row.id,
+        name=row.name,
+        owner=row.owner_name,
+        range=row.range,
+        size=row.size,
+        throttle=row.throttle,
+        submit_time=row.submit_time,
+        states={JobState(s): n for s, n in counts.items()},
+    )
+
+
+def _array_counts(conn: Connection, array_ids: Sequence[str]) -> dict[str, dict[str, int]]:
+    counts: dict[str, dict[str, int]] = defaultdict(dict)
+    rows = conn.execute(
+        select(jobs.c.array_id, jobs.c.state, func.count())
+        .where(jobs.c.array_id.in_(array_ids))
+        .group_by(jobs.c.array_id, jobs.c.state)
+    )
+    for array_id, state, n in rows:
+        counts[array_id][state] = n
+    return counts
+
+
+def get_array(conn: Connection, array_id: str) -> ArrayJob | None:
+    row = conn.execute(
+        select(arrays, users.c.name.label("owner_name"))
+        .join(users, users.c.id == arrays.c.owner_id)
+        .where(arrays.c.id == array_id)
+    ).first()
+    return _array_from(row, _array_counts(conn, [array_id])[array_id]) if row else None
+
+
+def list_arrays(conn: Connection, owner_id: str | None, *, limit: int) -> list[ArrayJob]:
+    """The newest array jobs (an owner's, or everyone's), with their tasks counted by state."""
+    query = select(arrays, users.c.name.label("owner_name")).join(users, users.c.id == arrays.c.owner_id)
+    if owner_id is not None:
+        query = query.where(arrays.c.owner_id == owner_id)
+    rows = list(conn.execute(query.order_by(arrays.c.submit_time.desc(), arrays.c.id).limit(limit)))
+    counts = _array_counts(conn, [r.id for r in rows])
+    return [_array_from(r, counts[r.id]) for r in rows]
+
+
+def rows_of_array(conn: Connection, array_id: str) -> list[Any]:
+    """The task rows of an array job (id, state, attempt, cancel_requested)."""
+    query = select(jobs.c.id, jobs.c.state, jobs.c.attempt, jobs.c.cancel_requested).where(
+        jobs.c.array_id == array_id
+    )
+    return list(conn.execute(query))

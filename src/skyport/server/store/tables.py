@@ -76,6 +76,11 @@ accounts = Table(
     Column("name", String(64), nullable=False, unique=True),
     Column("budget", Float, nullable=True),
     Column("created_at", UTCDateTime, nullable=False),
+    # Fair share: the account's target weight, and its recent use in CPU-seconds, decayed with the
+    # policy's half-life as of ``usage_at`` (decay is applied whenever it is charged or read).
+    Column("share", Float, nullable=False, server_default="1.0"),
+    Column("usage", Float, nullable=False, server_default="0.0"),
+    Column("usage_at", UTCDateTime, nullable=True),
 )
 
 account_members = Table(
@@ -165,6 +170,18 @@ nodes = Table(
     UniqueConstraint("remote_id", "name"),
 )
 
+arrays = Table(
+    "arrays",
+    metadata,
+    Column("id", String(36), primary_key=True),
+    Column("owner_id", String(36), ForeignKey("users.id"), nullable=False, index=True),
+    Column("name", String(256), nullable=False),
+    Column("range", String(256), nullable=False),  # as the user wrote it, e.g. 1-1000%50
+    Column("size", Integer, nullable=False),
+    Column("throttle", Integer, nullable=True),
+    Column("submit_time", UTCDateTime, nullable=False),
+)
+
 jobs = Table(
     "jobs",
     metadata,
@@ -186,6 +203,12 @@ jobs = Table(
     Column("node_count", Integer, nullable=False),
     Column("walltime", Integer, nullable=True),
     Column("labels", JSON, nullable=False),  # placement constraints, read by the scheduler
+    Column("depends", JSON, nullable=False, server_default="[]"),  # job ids it waits for (after ok)
+    Column("estimated_start", UTCDateTime, nullable=True),  # while queued, when known
+    # A task of an array job: which array, which index, and how many of its tasks may run at once.
+    Column("array_id", String(36), ForeignKey("arrays.id", ondelete="CASCADE"), nullable=True, index=True),
+    Column("array_index", Integer, nullable=True),
+    Column("array_throttle", Integer, nullable=True),
     # The remote the user asked for (None: any); remote_id is where the job was placed.
     Column("requested_remote_id", String(36), ForeignKey("remotes.id"), nullable=True),
     Column("remote_id", String(36), ForeignKey("remotes.id"), nullable=True),

@@ -115,3 +115,38 @@ def revoke_certificates_of(conn: Connection, name: str, now: datetime) -> int | 
     """Revoke every certificate of the user ``name``; None if there is no such user."""
     user = get_user(conn, name=name)
     return None if user is None else revoke_user_certificates(conn, user.id, now)
+
+
+def _decayed(usage: float, since: datetime | None, now: datetime, half_life_s: float) -> float:
+    if since is None or usage == 0.0:
+        return usage
+    elapsed = max(0.0, (now - since).total_seconds())
+    return float(usage * 0.5 ** (elapsed / half_life_s))
+
+
+@dataclass(frozen=True)
+class AccountUsage:
+    name: str
+    share: float
+    usage: float  # CPU-seconds, decayed to ``now``
+    budget: float | None
+
+
+def account_usage(conn: Connection, now: datetime, half_life_s: float) -> list[AccountUsage]:
+    """Every account's fair-share weight and recent use (decayed to ``now``)."""
+    rows = conn.execute(select(accounts).order_by(accounts.c.name))
+    return [
+        AccountUsage(r.name, r.share, _decayed(r.usage, r.usage_at, now, half_life_s), r.budget) for r in rows
+    ]
+
+
+def charge_usage(conn: Connection, charges: dict[str, float], now: datetime, half_life_s: float) -> None:
+    """Add CPU-seconds to accounts (by id), decaying what they had to ``now`` first."""
+    for account_id, cpu_seconds in charges.items():
+        row = conn.execute(
+            select(accounts.c.usage, accounts.c.usage_at).where(accounts.c.id == account_id)
+        ).first()
+        if row is None:
+            continue
+        usage = _decayed(row.usage, row.usage_at, now, half_life_s) + cpu_seconds
+        conn.execute(update(accounts).where(accounts.c.id == account_id).values(usage=usage, usage_at=now))
