@@ -275,6 +275,7 @@ _DIRECTIVES: dict[str, _Directive] = {
     "priority": _Directive("priority", "<int>", _priority),
     "env": _Directive("env", "<KEY=VALUE>", _pair("KEY=VALUE"), repeatable=True),
     "depends": _Directive("depends", "<job-id>[,...]", _job_ids, repeatable=True),
+    "depends-any": _Directive("depends_any", "<job-id>[,...]", _job_ids, repeatable=True),
     "remote": _Directive("remote", "<name>", _text),
     "array": _Directive("array", "<range, e.g. 1-1000%50>", _text),
     "label": _Directive("labels", "<key=value>", _pair("key=value"), repeatable=True),
@@ -535,6 +536,8 @@ def _directive_values(spec: JobSpec) -> Iterator[tuple[str, str]]:
     yield from (("label", f"{key}={value}") for key, value in spec.labels.items())
     if spec.depends:
         yield "depends", ",".join(spec.depends)
+    if spec.depends_any:
+        yield "depends-any", ",".join(spec.depends_any)
     if spec.input_files:
         yield "input-files", _word_list("input-files", spec.input_files)
     if spec.output_files:

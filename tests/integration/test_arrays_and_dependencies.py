@@ -122,3 +122,17 @@ def test_a_queued_job_says_why_it_waits_and_when_it_should_start(core: CoreProce
     assert queued.estimated_start is not None and started is not None
     expected = (queued.estimated_start - started).total_seconds()
     assert 110 <= expected <= 130  # the blocker's start + its 120 s walltime
+
+
+def test_a_job_after_any_end_runs_even_when_the_job_it_waits_for_failed(core: CoreProcess) -> None:
+    with core.client() as c:
+        failing = c.submit(JobSpec(name="fails-first", command=["sh", "-c", "sleep 0.5; exit 2"]))
+        cleanup = c.submit(
+            script=f"#!/bin/sh\n#SWM name cleanup\n#SWM depends-any {failing.id}\necho cleaning\n"
+        )
+        first, after = c.wait(failing.id, TIMEOUT_S), c.wait(cleanup.id, TIMEOUT_S)
+        output = c.log(cleanup.id).decode()
+    assert first.state is JobState.FAILED
+    assert after.state is JobState.COMPLETED and output == "cleaning\n"
+    assert first.end_time is not None and after.start_time is not None
+    assert after.start_time >= first.end_time

@@ -691,3 +691,11 @@ def test_round_trip_of_the_spawner_script() -> None:
 def test_values_the_format_cannot_carry_are_refused(spec: JobSpec) -> None:
     with pytest.raises(ValueError, match="cannot be written as a directive"):
         directive_lines(spec)
+
+
+def test_depends_any_is_read_and_rendered_back() -> None:
+    first, second = "0b6e9f2c-3f1e-4a8e-9d27-5c1f6a7b8c90", "5c1f6a7b-0b6e-4a8e-9d27-3f1e9f2c8c90"
+    spec = parse_jobscript(f"#!/bin/sh\n#SWM depends {first}\n#SWM depends-any {second}\ntrue\n")
+    assert (spec.depends, spec.depends_any) == ([first], [second])
+    again = parse_jobscript("#!/bin/sh\n" + "\n".join(directive_lines(spec)) + "\ntrue\n")
+    assert (again.depends, again.depends_any) == ([first], [second])

@@ -119,7 +119,10 @@ class JobSpec(BaseModel):
     walltime: Annotated[int | None, Field(ge=1, description="seconds; None: the remote's default")] = None
     priority: Annotated[int, Field(ge=-1_000_000, le=1_000_000)] = 0
     env: dict[str, str] = Field(default_factory=dict)
+    #: Jobs that must have completed successfully first (``#SWM depends``)...
     depends: list[str] = Field(default_factory=list)
+    #: ...and jobs that must have ended, however (``#SWM depends-any``).
+    depends_any: list[str] = Field(default_factory=list)
     array: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     ports: list[PortSpec] = Field(default_factory=list)
@@ -182,7 +185,7 @@ class JobSpec(BaseModel):
         texts += [*self.env.keys(), *self.env.values(), *self.input_files, *self.output_files]
         return texts
 
-    @field_validator("depends")
+    @field_validator("depends", "depends_any")
     @classmethod
     def _job_ids(cls, depends: list[str]) -> list[str]:
         ids = [d.strip().lower() for d in depends]

@@ -225,10 +225,11 @@ class Intake:
 
     async def _check_dependencies(self, user: User, spec: JobSpec) -> None:
         """Every job depended on must exist and be the submitter's (or the submitter an admin)."""
-        if not spec.depends:
+        wanted = [*spec.depends, *spec.depends_any]
+        if not wanted:
             return
-        owners = await self._store.read(job_store.owners_of, spec.depends)
-        unknown = [d for d in spec.depends if d not in owners or (owners[d] != user.id and not user.is_admin)]
+        owners = await self._store.read(job_store.owners_of, wanted)
+        unknown = [d for d in wanted if d not in owners or (owners[d] != user.id and not user.is_admin)]
         if unknown:
             raise SubmissionError(f"the job depends on unknown job(s): {', '.join(unknown)}")
 

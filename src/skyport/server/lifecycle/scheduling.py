@@ -127,6 +127,7 @@ def _pending(conn: Connection, page: int) -> dict[str, Any]:
             jobs.c.reason,
             jobs.c.labels,
             jobs.c.depends,
+            jobs.c.depends_any,
             jobs.c.estimated_start,
             jobs.c.array_id,
             jobs.c.array_throttle,
@@ -144,7 +145,7 @@ def _read_snapshot(conn: Connection, page: int, policy: Policy, now: datetime, h
     node_rows, running_rows = _nodes_and_running(conn)
     capacity = _capacity(node_rows, running_rows)
     pending_rows = _pending(conn, page)
-    depends = {d for r in pending_rows.values() for d in r.depends}
+    depends = {d for r in pending_rows.values() for d in (*r.depends, *r.depends_any)}
     dependency_states = (
         {r.id: r.state for r in conn.execute(select(jobs.c.id, jobs.c.state).where(jobs.c.id.in_(depends)))}
         if depends
@@ -166,6 +167,7 @@ def _read_snapshot(conn: Connection, page: int, policy: Policy, now: datetime, h
                 account=r.account,
                 walltime=r.walltime,
                 after_ok=tuple(r.depends),
+                after_any=tuple(r.depends_any),
                 array_id=r.array_id,
                 array_throttle=r.array_throttle,
                 current_reason=r.reason,

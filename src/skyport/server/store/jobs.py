@@ -82,6 +82,7 @@ def _row_values(job: NewJob) -> dict[str, Any]:
         "walltime": job.walltime,
         "labels": spec.labels,
         "depends": spec.depends,
+        "depends_any": spec.depends_any,
         "array_id": job.array.id if job.array else None,
         "array_index": job.array_index,
         "array_throttle": job.array.throttle if job.array else None,
