@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from skyport.cli import infra, jobs, simulate
+from skyport.cli import infra, jobs, render, simulate
 from skyport.cli.output import fail, print_json
 from skyport.server.settings import Settings
 
@@ -22,6 +22,10 @@ app = typer.Typer(
 )
 user_app = typer.Typer(help="Manage Sky Port users (on the core's host).", no_args_is_help=True)
 app.add_typer(user_app, name="user")
+account_app = typer.Typer(
+    help="Manage accounts: who pays, fair shares, budgets (admins).", no_args_is_help=True
+)
+app.add_typer(account_app, name="account")
 console = Console()
 
 HomeOpt = Annotated[
@@ -146,6 +150,48 @@ def user_revoke(
         print_json({"user": name, "revoked": count})
     else:
         console.print(f"[green]✓[/green] revoked {count} certificate(s) of {name}")
+
+
+@app.command("accounts")
+def accounts_list(json_out: JsonOpt = False) -> None:
+    """List accounts (yours; admins: all) with fair-share weight, recent usage, budget and members.
+
+    Example: [bold]skyport accounts[/bold]
+    """
+    with jobs.client() as c:
+        found = jobs.call(c.accounts)
+    jobs.emit(found, json_out, render.accounts, "accounts")
+
+
+@account_app.command("set")
+def account_set(
+    name: Annotated[str, typer.Argument(help="Account name")],
+    share: Annotated[float | None, typer.Option(min=0.0001, help="Fair-share weight (default 1)")] = None,
+    budget: Annotated[float | None, typer.Option(min=0, help="What it may spend (price x hours)")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Create an account, or change its share or budget.
+
+    Example: [bold]skyport account set physics --share 3 --budget 500[/bold]
+    """
+    with jobs.client() as c:
+        account = jobs.call(lambda: c.set_account(name, share=share, budget=budget))
+    jobs.emit([account], json_out, render.accounts)
+
+
+@account_app.command("add-user")
+def account_add_user(
+    name: Annotated[str, typer.Argument(help="Account name")],
+    user: Annotated[str, typer.Argument(help="User to add")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Let a user charge jobs to an account (#SWM account NAME).
+
+    Example: [bold]skyport account add-user physics alice[/bold]
+    """
+    with jobs.client() as c:
+        account = jobs.call(lambda: c.add_member(name, user))
+    jobs.emit([account], json_out, render.accounts)
 
 
 jobs.register(app)

@@ -17,7 +17,7 @@ from rich.console import JustifyMethod, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from skyport.models import ArrayJob, Event, Flavor, Image, Job, JobState, Node, Remote
+from skyport.models import Account, ArrayJob, Event, Flavor, Image, Job, JobState, Node, Remote
 
 STATE_STYLES: dict[str, str] = {
     JobState.QUEUED: "yellow",
@@ -356,3 +356,24 @@ def array(item: ArrayJob) -> Table:
             ("list them", f"skyport jobs --array {item.id}"),
         ]
     )
+
+
+def accounts(items: Sequence[Account]) -> Table:
+    columns = [
+        Column("ACCOUNT", shrink=True),
+        Column("SHARE", justify="right"),
+        Column("USAGE (CPU-h)", justify="right"),
+        Column("BUDGET", justify="right"),
+        Column("MEMBERS", shrink=True),
+    ]
+    rows = (
+        [
+            a.name,
+            f"{a.share:g}",
+            f"{a.usage / 3600:,.1f}",
+            "-" if a.budget is None else f"{a.budget:,.2f}",
+            ", ".join(a.members) or "-",
+        ]
+        for a in items
+    )
+    return table(columns, rows)

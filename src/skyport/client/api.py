@@ -19,7 +19,20 @@ from pydantic import BaseModel
 
 from skyport.client.config import ClientConfig
 from skyport.jobscript import JobScriptError, parse_jobscript
-from skyport.models import ArrayJob, Event, Flavor, Image, Job, JobSpec, JobState, Node, Page, Remote, User
+from skyport.models import (
+    Account,
+    ArrayJob,
+    Event,
+    Flavor,
+    Image,
+    Job,
+    JobSpec,
+    JobState,
+    Node,
+    Page,
+    Remote,
+    User,
+)
 
 T = TypeVar("T", bound=BaseModel)
 TIMEOUT = httpx.Timeout(30.0, connect=10.0)
@@ -271,6 +284,18 @@ class Client:
 
     def whoami(self) -> User:
         return self._model(User, _Call("GET", "/api/v1/whoami"))
+
+    def accounts(self) -> list[Account]:
+        response = self._do(_Call("GET", "/api/v1/accounts"))
+        return [Account.model_validate(a) for a in response.json()]
+
+    def set_account(self, name: str, *, share: float | None = None, budget: float | None = None) -> Account:
+        """Create the account, or change its share and budget (admins)."""
+        body = {k: v for k, v in (("share", share), ("budget", budget)) if v is not None}
+        return self._model(Account, _Call("PUT", f"/api/v1/accounts/{name}", json=body))
+
+    def add_member(self, account: str, user: str) -> Account:
+        return self._model(Account, _Call("POST", f"/api/v1/accounts/{account}/members", json={"user": user}))
 
     def revoke_user(self, name: str) -> int:
         return int(self._do(_Call("POST", f"/api/v1/users/{name}/revoke")).json()["revoked"])

@@ -15,10 +15,11 @@ from skyport.models.job import (
     Page,
     PortSpec,
 )
-from skyport.models.user import User
+from skyport.models.user import Account, User
 
 __all__ = [
     "TERMINAL_STATES",
+    "Account",
     "ArrayJob",
     "Event",
     "Flavor",

@@ -22,3 +22,14 @@ class User(BaseModel):
     @property
     def is_admin(self) -> bool:
         return "admin" in self.roles
+
+
+class Account(BaseModel):
+    """Who pays: its members' jobs are charged to it. ``share`` is its fair-share weight, ``usage`` its
+    recent use in CPU-seconds (decayed), ``budget`` what it may spend (None: no limit)."""
+
+    name: str
+    share: float = 1.0
+    usage: float = 0.0
+    budget: float | None = None
+    members: list[str] = Field(default_factory=list)

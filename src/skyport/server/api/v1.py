@@ -7,8 +7,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
 
-from skyport.models import ArrayJob, Event, Flavor, Image, Job, JobState, Node, Page, Remote, User
+from skyport.models import Account, ArrayJob, Event, Flavor, Image, Job, JobState, Node, Page, Remote, User
 from skyport.server.api.deps import check_job_id, get_core, get_principal, model_response
 from skyport.server.api.submission import submission
 from skyport.server.auth import Principal, owner_filter, require_admin
@@ -246,6 +247,76 @@ async def list_remotes(core: CoreDep, principal: PrincipalDep) -> Page[Remote]:
 @router.get("/whoami", response_model=User, summary="The caller")
 async def whoami(principal: PrincipalDep) -> User:
     return principal.user
+
+
+class AccountChange(BaseModel):
+    """An account to create, or the fields to change (absent fields stay as they are)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    share: float | None = Field(default=None, gt=0, description="fair-share weight")
+    budget: float | None = Field(default=None, ge=0, description="what it may spend; absent: no limit")
+
+
+class Membership(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user: str
+
+
+@router.get("/accounts", response_model=list[Account], summary="Accounts: yours (admins: all), with usage")
+async def list_accounts(core: CoreDep, principal: PrincipalDep) -> list[Account]:
+    found = await core.store.read(
+        user_store.list_accounts, core.clock.now(), core.settings.scheduler.usage_half_life_s
+    )
+    return [a for a in found if principal.is_admin or a.name in principal.user.accounts]
+
+
+@router.put("/accounts/{name}", response_model=Account, summary="Create or change an account (admins)")
+async def put_account(name: str, change: AccountChange, core: CoreDep, principal: PrincipalDep) -> Account:
+    require_admin(principal)
+    check_name(name, "account")
+    values = change.model_dump(exclude_unset=True)
+    exists = await core.store.read(user_store.account_id_by_name, name) is not None
+    if exists and values:
+        await core.store.write(user_store.update_account, name, values)
+    elif not exists:
+        try:
+            await core.store.write(
+                user_store.create_account,
+                name,
+                share=change.share or 1.0,
+                budget=change.budget,
+                now=core.clock.now(),
+            )
+        except user_store.AlreadyExists:
+            await core.store.write(user_store.update_account, name, values)  # created meanwhile
+    return await _account(core, name)
+
+
+@router.post("/accounts/{name}/members", response_model=Account, summary="Add a user to an account (admins)")
+async def add_member(name: str, member: Membership, core: CoreDep, principal: PrincipalDep) -> Account:
+    require_admin(principal)
+    problem = await core.store.write(user_store.add_member, name, member.user)
+    if problem is not None:
+        raise HTTPException(404, f"{problem}: create it first")
+    core.auth.forget()  # memberships are part of the cached identities
+    return await _account(core, name)
+
+
+async def _account(core: Core, name: str) -> Account:
+    found = await core.store.read(
+        user_store.list_accounts, core.clock.now(), core.settings.scheduler.usage_half_life_s
+    )
+    for account in found:
+        if account.name == name:
+            return account
+    raise HTTPException(404, f"no account {name!r}")
+
+
+def check_name(name: str, what: str) -> None:
+    if not name or len(name) > 64 or not all(c.isalnum() or c in "._-" for c in name):
+        raise HTTPException(400, f"{name!r} is not a valid {what} name: use letters, digits, '.', '_', '-'")
 
 
 @router.post("/users/{name}/revoke", summary="Revoke every certificate of a user (admins)")

@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy import Connection, insert, select, update
 
-from skyport.models import User
+from skyport.models import Account, User
 from skyport.server.store.tables import account_members, accounts, certificates, users
 
 DEFAULT_ACCOUNT = "default"
@@ -150,3 +150,55 @@ def charge_usage(conn: Connection, charges: dict[str, float], now: datetime, hal
             continue
         usage = _decayed(row.usage, row.usage_at, now, half_life_s) + cpu_seconds
         conn.execute(update(accounts).where(accounts.c.id == account_id).values(usage=usage, usage_at=now))
+
+
+def create_account(conn: Connection, name: str, *, share: float, budget: float | None, now: datetime) -> None:
+    """A new account. Raises AlreadyExists for a taken name."""
+    if account_id_by_name(conn, name) is not None:
+        raise AlreadyExists(f"an account named {name!r} already exists")
+    conn.execute(
+        insert(accounts),
+        {
+            "id": str(uuid.uuid4()),
+            "name": name,
+            "budget": budget,
+            "share": share,
+            "usage": 0.0,
+            "created_at": now,
+        },
+    )
+
+
+def update_account(conn: Connection, name: str, values: dict[str, Any]) -> bool:
+    """Change an account's share and/or budget; False if there is no such account."""
+    result = conn.execute(update(accounts).where(accounts.c.name == name).values(**values))
+    return bool(result.rowcount)
+
+
+def add_member(conn: Connection, account: str, user: str) -> str | None:
+    """Make ``user`` a member of ``account``; None when done, else what is missing."""
+    account_id = account_id_by_name(conn, account)
+    member = get_user(conn, name=user)
+    if account_id is None:
+        return f"no account {account!r}"
+    if member is None:
+        return f"no user {user!r}"
+    if account not in member.accounts:
+        conn.execute(insert(account_members), {"account_id": account_id, "user_id": member.id})
+    return None
+
+
+def list_accounts(conn: Connection, now: datetime, half_life_s: float) -> list[Account]:
+    members: dict[str, list[str]] = {}
+    rows = conn.execute(
+        select(accounts.c.name, users.c.name.label("user"))
+        .join(account_members, account_members.c.account_id == accounts.c.id)
+        .join(users, users.c.id == account_members.c.user_id)
+        .order_by(users.c.name)
+    )
+    for row in rows:
+        members.setdefault(row.name, []).append(row.user)
+    return [
+        Account(name=a.name, share=a.share, usage=a.usage, budget=a.budget, members=members.get(a.name, []))
+        for a in account_usage(conn, now, half_life_s)
+    ]
