@@ -261,6 +261,7 @@ _DIRECTIVES: dict[str, _Directive] = {
     "gpus": _Directive("gpus", "<n>", _count(0)),
     "workdir": _Directive("workdir", "<path>", _text),
     "relocatable": _Directive("relocatable", "[true|false]", _boolean, value_optional=True),
+    "exclusive": _Directive("exclusive", "[true|false]", _boolean, value_optional=True),
     "input-files": _Directive("input_files", "<paths...>", _words, repeatable=True, value_optional=True),
     "output-files": _Directive("output_files", "<paths...>", _words, repeatable=True, value_optional=True),
     "storage": _Directive("storage", "<name>", _text),
@@ -534,6 +535,8 @@ def _directive_values(spec: JobSpec) -> Iterator[tuple[str, str]]:
         yield "walltime", _format_walltime(spec.walltime)
     yield from (("env", f"{key}={value}") for key, value in spec.env.items())
     yield from (("label", f"{key}={value}") for key, value in spec.labels.items())
+    if spec.exclusive:
+        yield "exclusive", "true"
     if spec.depends:
         yield "depends", ",".join(spec.depends)
     if spec.depends_any:

@@ -136,3 +136,20 @@ def test_a_job_after_any_end_runs_even_when_the_job_it_waits_for_failed(core: Co
     assert after.state is JobState.COMPLETED and output == "cleaning\n"
     assert first.end_time is not None and after.start_time is not None
     assert after.start_time >= first.end_time
+
+
+def test_an_exclusive_job_has_its_node_to_itself(core: CoreProcess) -> None:
+    """On a 4-CPU node, a 1-CPU exclusive job keeps a 1-CPU job waiting until it ends, and itself waits
+    for the node to be empty. (``small`` declares a short walltime: the exclusive job's reservation then
+    starts before ``after`` could end, so backfill may not start ``after`` early.)"""
+    with core.client() as c:
+        small = c.submit(JobSpec(name="small", command=["sleep", "1"], walltime=60))
+        whole = c.submit(script="#!/bin/sh\n#SWM name whole\n#SWM exclusive\nsleep 1\n")
+        after = c.submit(JobSpec(name="after", command=["true"]))
+        jobs = {j.name: c.wait(j.id, TIMEOUT_S) for j in (small, whole, after)}
+    assert all(j.state is JobState.COMPLETED for j in jobs.values())
+    assert jobs["whole"].spec.exclusive
+    assert jobs["whole"].start_time is not None and jobs["small"].end_time is not None
+    assert jobs["whole"].start_time >= jobs["small"].end_time
+    assert jobs["after"].start_time is not None and jobs["whole"].end_time is not None
+    assert jobs["after"].start_time >= jobs["whole"].end_time

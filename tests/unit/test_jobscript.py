@@ -699,3 +699,10 @@ def test_depends_any_is_read_and_rendered_back() -> None:
     assert (spec.depends, spec.depends_any) == ([first], [second])
     again = parse_jobscript("#!/bin/sh\n" + "\n".join(directive_lines(spec)) + "\ntrue\n")
     assert (again.depends, again.depends_any) == ([first], [second])
+
+
+def test_exclusive_is_read_and_rendered_back() -> None:
+    spec = parse_jobscript("#!/bin/sh\n#SWM exclusive\ntrue\n")
+    assert spec.exclusive
+    assert parse_jobscript("#!/bin/sh\n" + "\n".join(directive_lines(spec)) + "\ntrue\n").exclusive
+    assert not parse_jobscript("#!/bin/sh\ntrue\n").exclusive

@@ -129,6 +129,8 @@ class JobSpec(BaseModel):
     submission_address: str | None = None
     workdir: str | None = None
     relocatable: bool = True
+    #: Whole nodes: no other job shares the job's nodes while it runs.
+    exclusive: bool = False
     input_files: list[str] = Field(default_factory=list)
     output_files: list[str] = Field(default_factory=list)
     storage: str | None = None

@@ -76,6 +76,7 @@ def _nodes_and_running(conn: Connection) -> tuple[dict[str, Any], list[Any]]:
             jobs.c.start_time,
             jobs.c.scheduled_time,
             jobs.c.array_id,
+            jobs.c.exclusive,
             accounts.c.name.label("account"),
         )
         .join(accounts, accounts.c.id == jobs.c.account_id)
@@ -128,6 +129,7 @@ def _pending(conn: Connection, page: int) -> dict[str, Any]:
             jobs.c.labels,
             jobs.c.depends,
             jobs.c.depends_any,
+            jobs.c.exclusive,
             jobs.c.estimated_start,
             jobs.c.array_id,
             jobs.c.array_throttle,
@@ -168,6 +170,7 @@ def _read_snapshot(conn: Connection, page: int, policy: Policy, now: datetime, h
                 walltime=r.walltime,
                 after_ok=tuple(r.depends),
                 after_any=tuple(r.depends_any),
+                exclusive=r.exclusive,
                 array_id=r.array_id,
                 array_throttle=r.array_throttle,
                 current_reason=r.reason,
@@ -186,6 +189,7 @@ def _read_snapshot(conn: Connection, page: int, policy: Policy, now: datetime, h
                 walltime=r.walltime,
                 account=r.account,
                 array_id=r.array_id,
+                exclusive=r.exclusive,
             )
             for r in running_rows
         ),

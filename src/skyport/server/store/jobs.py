@@ -83,6 +83,7 @@ def _row_values(job: NewJob) -> dict[str, Any]:
         "labels": spec.labels,
         "depends": spec.depends,
         "depends_any": spec.depends_any,
+        "exclusive": spec.exclusive,
         "array_id": job.array.id if job.array else None,
         "array_index": job.array_index,
         "array_throttle": job.array.throttle if job.array else None,

@@ -205,6 +205,7 @@ jobs = Table(
     Column("labels", JSON, nullable=False),  # placement constraints, read by the scheduler
     Column("depends", JSON, nullable=False, server_default="[]"),  # job ids it waits for (after ok)
     Column("depends_any", JSON, nullable=False, server_default="[]"),  # ... (after any end)
+    Column("exclusive", Boolean, nullable=False, server_default="0"),  # whole nodes
     Column("estimated_start", UTCDateTime, nullable=True),  # while queued, when known
     # A task of an array job: which array, which index, and how many of its tasks may run at once.
     Column("array_id", String(36), ForeignKey("arrays.id", ondelete="CASCADE"), nullable=True, index=True),
