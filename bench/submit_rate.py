@@ -46,9 +46,13 @@ def _load(port: int, core: BenchCore, total: int) -> LoadResult:
 def measure_ours(core: BenchCore) -> LoadResult:
     config = ClientConfig(url=core.url, cert=core.cert, key=core.key, ca=core.ca)
     with Client(config) as client:
-        client.submit(JobSpec(name="keeps-the-node-busy", command=["sleep", "3600"], cpus=1))
-    _load(core.port, core, WARMUP)
-    result = _load(core.port, core, REQUESTS)
+        blocker = client.submit(JobSpec(name="keeps-the-node-busy", command=["sleep", "3600"], cpus=1))
+        try:
+            _load(core.port, core, WARMUP)
+            result = _load(core.port, core, REQUESTS)
+        finally:  # jobs outlive their core by design: stop this one before the core goes
+            client.cancel(blocker.id)
+            client.wait(blocker.id, timeout=30)
     stored = sqlite3.connect(core.home / "skyport.db").execute("SELECT count(*) FROM jobs").fetchone()[0]
     expected = 1 + WARMUP + REQUESTS
     if stored != expected or result.statuses != {201: REQUESTS}:
