@@ -226,21 +226,24 @@ class ExecutionLoop:
     async def _fresh_row(self, job_id: str) -> Any:
         return await self._store.read(job_store.get_job_row, job_id)
 
-    def _track(self, row: Any, launch: JobLaunch, handle: Handle, *, recorded: bool = False) -> _Tracked:
-        walltime = row.walltime
+    def _track(
+        self, row: Any, launch: JobLaunch, handle: Handle, *, recorded: bool = False, ended: bool = False
+    ) -> _Tracked:
+        """Remember an attempt; watch it unless it has ``ended`` already (found so after a restart)."""
         tracked = _Tracked(
             launch=launch,
             remote_id=row.remote_id,
             handle=handle,
-            walltime=walltime,
-            deadline=self._deadline(row, walltime),
+            walltime=row.walltime,
+            deadline=None if ended else self._deadline(row, row.walltime),
             recorded=recorded,
             cancel_requested=row.cancel_requested,
             requeue_requested=row.requeue_requested,
             canceled_by=row.canceled_by,
         )
         self._tracked[row.id] = tracked
-        self._gate(row).watch(row.id, handle, self._on_exit)
+        if not ended:
+            self._gate(row).watch(row.id, handle, self._on_exit)
         return tracked
 
     def _deadline(self, row: Any, walltime: int | None) -> float | None:
@@ -441,9 +444,8 @@ class ExecutionLoop:
                 log.info("re-adopted a running job", job_id=row.id)
             elif found.exit is not None:
                 # It ended while we were away: record it as if we had watched it.
-                tracked = self._track_ended(row, launch)
+                self._track(row, launch, row.handle or {}, recorded=True, ended=True)
                 self._exits[row.id] = found.exit
-                tracked.recorded = True
             elif row.state == JobState.RUNNING.value:
                 finals.append(
                     job_store.StateChange(
@@ -458,20 +460,6 @@ class ExecutionLoop:
             # scheduled/staging_in that never started: the next pass launches them
         started = [t for t in self._tracked.values() if not t.recorded]
         await self._record_started(started, finals)
-
-    def _track_ended(self, row: Any, launch: JobLaunch) -> _Tracked:
-        tracked = _Tracked(
-            launch=launch,
-            remote_id=row.remote_id,
-            handle=row.handle or {},
-            walltime=row.walltime,
-            deadline=None,
-            cancel_requested=row.cancel_requested,
-            requeue_requested=row.requeue_requested,
-            canceled_by=row.canceled_by,
-        )
-        self._tracked[row.id] = tracked
-        return tracked
 
     # -- shared --------------------------------------------------------------------------------------
 
