@@ -60,6 +60,20 @@ async def test_migrations_are_idempotent(store: Store) -> None:
     assert await store.read(job_store.count_by_state) == {}
 
 
+def _schema_differences(conn: Connection) -> list[object]:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from skyport.server.store.tables import metadata
+
+    return list(compare_metadata(MigrationContext.configure(conn), metadata))
+
+
+async def test_the_migrations_build_exactly_the_declared_schema(store: Store) -> None:
+    """A column added to the tables but forgotten in a migration would only fail on a real database."""
+    assert await store.read(_schema_differences) == []
+
+
 async def test_timestamps_come_back_as_utc(store: Store) -> None:
     owner, account = await _owner(store)
     job = _new(owner, account, at=NOW.astimezone(ZoneInfo("Asia/Tokyo")))

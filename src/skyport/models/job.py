@@ -91,6 +91,85 @@ class PortSpec(BaseModel):
         return f"{self.port}/{self.protocol}/{self.direction}"
 
 
+#: URL schemes data may be staged from and to (``file://`` is a path on the core host).
+STAGING_SCHEMES = ("file", "http", "https", "s3")
+
+
+def _relative_path(path: str, what: str) -> str:
+    if not path or "\x00" in path or path.startswith("/") or ".." in path.split("/"):
+        raise ValueError(f"{what} {path!r} must be a non-empty path relative to the working directory")
+    return path
+
+
+def _staging_url(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in STAGING_SCHEMES or not rest:
+        raise ValueError(
+            f"URL {url!r} is not supported: use one of {', '.join(s + '://' for s in STAGING_SCHEMES)}"
+        )
+    return url
+
+
+class InputSpec(BaseModel):
+    """A file or directory placed in the job's working directory before it starts.
+
+    Exactly one source: ``url`` (fetched by the core, streamed and checksummed) or inline ``content``.
+    Files uploaded with a submission are listed in :attr:`JobSpec.input_files` instead.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: Annotated[str, Field(max_length=4096, description="relative to the working directory")]
+    url: str | None = None
+    content: Annotated[str | None, Field(max_length=MAX_SCRIPT_BYTES)] = None
+    type: Literal["file", "directory"] = "file"
+    #: When given, the fetched file must have this SHA-256 (hex) or the job fails before it starts.
+    sha256: Annotated[str | None, Field(pattern=r"^[0-9a-f]{64}$")] = None
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, path: str) -> str:
+        return _relative_path(path, "input path")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, url: str | None) -> str | None:
+        return None if url is None else _staging_url(url)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> InputSpec:
+        if (self.url is None) == (self.content is None):
+            raise ValueError(f"input {self.path!r}: give exactly one of 'url' or 'content'")
+        if self.content is not None and self.type == "directory":
+            raise ValueError(f"input {self.path!r}: inline content can only be a file")
+        return self
+
+
+class OutputSpec(BaseModel):
+    """Files the job leaves in its working directory, delivered to ``url`` after it ends.
+
+    ``path`` may be a glob (``results/*.csv``); then ``url`` names a directory and each match keeps its
+    path relative to ``path_prefix`` (default: the glob's directory part).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: Annotated[str, Field(max_length=4096)]
+    url: str
+    type: Literal["file", "directory"] = "file"
+    path_prefix: str | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, path: str) -> str:
+        return _relative_path(path, "output path")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, url: str) -> str:
+        return _staging_url(url)
+
+
 class JobSpec(BaseModel):
     """What a user asked for. Built from a ``#SWM`` job script, from JSON, or from a TES task.
 
@@ -133,6 +212,9 @@ class JobSpec(BaseModel):
     exclusive: bool = False
     input_files: list[str] = Field(default_factory=list)
     output_files: list[str] = Field(default_factory=list)
+    #: Inputs fetched from URLs or given inline, and outputs delivered to URLs (staging).
+    inputs: list[InputSpec] = Field(default_factory=list)
+    outputs: list[OutputSpec] = Field(default_factory=list)
     storage: str | None = None
     stdin: str | None = None
     stdout: str | None = None

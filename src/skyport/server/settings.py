@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 from pydantic_settings import (
@@ -64,6 +64,63 @@ class SchedulerSettings(BaseModel):
     usage_half_life_s: float = Field(default=7 * 86400.0, gt=0)
 
 
+class RemoteSettingsBase(BaseModel):
+    """What every configured remote has: a unique name and its walltime limits."""
+
+    model_config = {"extra": "forbid"}
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+    #: Walltime given to jobs that ask for none (seconds); None: unlimited.
+    default_walltime: int | None = Field(default=None, ge=1)
+    max_walltime: int | None = Field(default=None, ge=1)
+
+
+class AgentRemoteSettings(RemoteSettingsBase):
+    """A static partition of nodes that run ``skyport agent`` and enrol with bootstrap tokens."""
+
+    kind: Literal["agent"] = "agent"
+    #: A node that has not been heard from for this long is marked down and its jobs failed.
+    heartbeat_timeout_s: float = Field(default=30.0, gt=0)
+
+
+class SSHHost(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    host: str
+    port: int = Field(default=22, ge=1, le=65535)
+    #: The node's name in Sky Port (default: ``host``).
+    name: str | None = None
+    #: Declared capacity (direct mode); None: asked from the host (``nproc``, ``/proc/meminfo``).
+    cpus: int | None = Field(default=None, ge=1)
+    mem: int | None = Field(default=None, ge=1)
+    gpus: int = Field(default=0, ge=0)
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class SSHRemoteSettings(RemoteSettingsBase):
+    """Hosts reached over SSH: ``direct`` runs jobs with nothing installed there; ``agent`` installs and
+    starts ``skyport agent`` on each host and drives it like any agent node."""
+
+    kind: Literal["ssh"] = "ssh"
+    mode: Literal["direct", "agent"] = "direct"
+    hosts: list[SSHHost] = Field(min_length=1)
+    #: SSH login on the hosts; ``user_map`` maps a Sky Port user to their own login.
+    user: str
+    user_map: dict[str, str] = Field(default_factory=dict)
+    #: Private key for the login (stays on the core host; only its signature travels).
+    key_file: Path
+    #: Host keys are verified against this file, never accepted blindly.
+    known_hosts: Path
+    #: Where per-job working directories are made on the hosts (relative: to the login's home).
+    workroot: str = ".skyport/work"
+    #: The agent command on the host (agent mode).
+    agent_command: str = "skyport agent"
+    connect_timeout_s: float = Field(default=15.0, gt=0)
+
+
+RemoteSettings = Annotated[AgentRemoteSettings | SSHRemoteSettings, Field(discriminator="kind")]
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SKYPORT_", env_nested_delimiter="__", extra="forbid")
 
@@ -82,6 +139,10 @@ class Settings(BaseSettings):
     log_json: bool = False
     local: LocalGateSettings = Field(default_factory=LocalGateSettings)
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
+    #: Remotes besides ``local`` (``[[remotes]]`` tables in skyport.toml).
+    remotes: list[RemoteSettings] = Field(default_factory=list)
+    #: The address agents and tunnels use to reach this core (default: https://<host>:<port>).
+    public_url: str | None = None
 
     @classmethod
     def settings_customise_sources(

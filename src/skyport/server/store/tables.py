@@ -101,6 +101,25 @@ certificates = Table(
     Column("revoked_at", UTCDateTime, nullable=True),
 )
 
+tokens = Table(
+    "tokens",
+    metadata,
+    # Secrets are random (256 bits), so a plain SHA-256 of the secret is a safe and fast lookup key.
+    Column("id", String(36), primary_key=True),
+    Column("kind", String(16), nullable=False),  # api | bootstrap
+    Column("secret_hash", String(64), nullable=False, unique=True),
+    Column("user_id", String(36), ForeignKey("users.id", ondelete="CASCADE"), nullable=True, index=True),
+    Column("name", String(128), nullable=False, server_default=""),
+    Column("scopes", JSON, nullable=False),
+    # A bootstrap token enrols one node of one remote, once.
+    Column("remote_id", String(36), ForeignKey("remotes.id", ondelete="CASCADE"), nullable=True),
+    Column("node_name", String(255), nullable=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("expires_at", UTCDateTime, nullable=True),
+    Column("revoked_at", UTCDateTime, nullable=True),
+    Column("used_at", UTCDateTime, nullable=True),
+)
+
 remotes = Table(
     "remotes",
     metadata,
