@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from skyport.client import Client, ClientConfig
+from skyport.pki import CertificateAuthority, server_names, write_private
 from skyport.server.admin import add_user, init_home
 from skyport.server.settings import Settings
 
@@ -46,6 +47,17 @@ def make_workroot() -> Path:
     return path
 
 
+def _add_server_address(settings: Settings, address: str) -> None:
+    """Re-issue the core's server certificate so that it also names ``address`` (an IP address)."""
+    names, ips = server_names()
+    if address not in ips:
+        ips.append(address)
+    issued = CertificateAuthority.load(settings.ca_dir).issue_server(names, ips)
+    settings.server_key.unlink(missing_ok=True)
+    write_private(settings.server_key, issued.key_pem)
+    settings.server_cert.write_bytes(issued.cert_pem)
+
+
 @dataclass
 class User:
     name: str
@@ -56,7 +68,11 @@ class User:
 
 
 class CoreProcess:
-    def __init__(self, home: Path, env: dict[str, str] | None = None) -> None:
+    """``host``: the address to listen on instead of 127.0.0.1, e.g. a :class:`~tests.support.hosts.
+    HostNetwork`'s ``gateway``, so that agents in host namespaces reach the core; the server certificate
+    then names it too (clients in the root namespace use it as well: it is a local address)."""
+
+    def __init__(self, home: Path, env: dict[str, str] | None = None, *, host: str | None = None) -> None:
         self.home = home
         self.workroot = make_workroot()
         self.env = {
@@ -66,12 +82,15 @@ class CoreProcess:
             "SKYPORT_LOCAL__DEFAULT_USER": "nobody",
             "SKYPORT_LOCAL__CANCEL_GRACE_S": "2",
             "SKYPORT_SCHEDULER_INTERVAL_S": "0.5",
+            **({"SKYPORT_HOST": host} if host else {}),
             **(env or {}),
         }
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
         self.log_path = home / "core.log"
         asyncio.run(init_home(Settings(home=home)))
+        if host:
+            _add_server_address(Settings(home=home), host)
         self.users: dict[str, User] = {"admin": self._user("admin")}
 
     def _user(self, name: str) -> User:
