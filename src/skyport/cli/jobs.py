@@ -12,9 +12,10 @@ import codecs
 import hashlib
 import json
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -24,6 +25,14 @@ from typing import Annotated, Any, NoReturn, TypeVar
 import typer
 from rich.console import Console, RenderableType
 from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.text import Text
 
 from skyport.cli import render
@@ -441,15 +450,80 @@ def download(
         files = call(partial(c.outputs, job_id))
         if not files:
             _no_outputs(job)
-        saved = [{**f, "path": str(_save(c, job_id, f["name"], f.get("sha256", ""), dest))} for f in files]
+        saved = []
+        with _DownloadProgress(sum(int(f.get("size") or 0) for f in files)) as progress:
+            for f in files:
+                target = _target(dest, f["name"])
+                with progress.file(f["name"], target, int(f.get("size") or 0)):
+                    _save(c, job_id, f["name"], f.get("sha256", ""), target)
+                saved.append({**f, "path": str(target)})
     emit(saved, json_out, render.outputs)
 
 
-def _save(c: Client, job_id: str, name: str, digest: str, dest: Path) -> Path:
+#: Downloads at least this big show a progress bar (when stderr is a terminal).
+PROGRESS_BYTES = 8 * 1024 * 1024
+
+
+class _DownloadProgress:
+    """A progress bar over all files of a download: bytes, speed and time left, on stderr.
+
+    The client streams each file straight to disk, so the bar follows the file's size on disk, looked at
+    a few times a second by a watcher thread (never per chunk, and nothing at all when it is not shown).
+    """
+
+    def __init__(self, total: int) -> None:
+        self._shown = err_console.is_terminal and total >= PROGRESS_BYTES
+        self._bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=err_console,
+            transient=True,
+            disable=not self._shown,
+        )
+        self._task = self._bar.add_task("Downloading", total=total)
+        self._done = 0
+
+    def __enter__(self) -> _DownloadProgress:
+        self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bar.__exit__(None, None, None)
+
+    @contextmanager
+    def file(self, name: str, target: Path, size: int) -> Iterator[None]:
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.wait(0.2):
+                with suppress(OSError):
+                    self._bar.update(self._task, completed=self._done + target.stat().st_size)
+
+        self._bar.update(self._task, description=escape(name))
+        watcher = threading.Thread(target=watch, daemon=True) if self._shown else None
+        if watcher is not None:
+            watcher.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            if watcher is not None:
+                watcher.join()
+            self._done += size
+            self._bar.update(self._task, completed=self._done)
+
+
+def _target(dest: Path, name: str) -> Path:
     relative = PurePosixPath(name)
     if relative.is_absolute() or ".." in relative.parts:  # the core checks too; a client does not trust it
         fail(f"the core named an output file {escape(name)!r} outside the destination; not saved")
-    target = dest / relative
+    return dest / relative
+
+
+def _save(c: Client, job_id: str, name: str, digest: str, target: Path) -> Path:
     try:
         call(partial(c.download, job_id, name, target))
     except OSError as exc:

@@ -24,6 +24,7 @@ from skyport.server.ids import IdSource
 from skyport.server.metrics import Metrics
 from skyport.server.settings import Settings
 from skyport.server.spool import Spool
+from skyport.server.staging import StagingError, check_spec
 from skyport.server.store import infra as infra_store
 from skyport.server.store import jobs as job_store
 from skyport.server.store import users as user_store
@@ -141,6 +142,10 @@ class Intake:
         extra = [n for n in upload_names if n not in spec.input_files]
         if extra:
             spec = spec.model_copy(update={"input_files": [*spec.input_files, *extra]})
+        try:
+            check_spec(spec, self._settings.staging)
+        except StagingError as exc:
+            raise SubmissionError(str(exc)) from exc
         if not spec.name:
             spec = spec.model_copy(update={"name": default_name(spec)})
 
