@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from skyport.cli import infra, jobs, render, simulate
+from skyport.cli import agent, infra, jobs, render, simulate, tokens
 from skyport.cli.output import fail, print_json
 from skyport.server.settings import Settings
 
@@ -195,8 +195,10 @@ def account_add_user(
 
 
 jobs.register(app)
+agent.register(app)
 infra.register(app)
 simulate.register(app)
+tokens.register(app)
 
 
 def main() -> None:

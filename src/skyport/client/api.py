@@ -300,6 +300,38 @@ class Client:
     def revoke_user(self, name: str) -> int:
         return int(self._do(_Call("POST", f"/api/v1/users/{name}/revoke")).json()["revoked"])
 
+    def create_token(
+        self,
+        name: str = "",
+        *,
+        scopes: Sequence[str] = ("api",),
+        expires_days: float = 30,
+        user: str | None = None,
+    ) -> dict[str, Any]:
+        """A new API token; its ``secret`` is in the reply, this once. ``expires_days=0``: never."""
+        body: dict[str, Any] = {"name": name, "scopes": list(scopes), "expires_days": expires_days}
+        if user is not None:
+            body["user"] = user
+        result: dict[str, Any] = self._do(_Call("POST", "/api/v1/tokens", json=body)).json()
+        return result
+
+    def tokens(self, *, all_users: bool = False) -> list[dict[str, Any]]:
+        params = {"all": "true"} if all_users else None
+        result: list[dict[str, Any]] = self._do(_Call("GET", "/api/v1/tokens", params=params)).json()
+        return result
+
+    def revoke_token(self, token_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._do(_Call("POST", f"/api/v1/tokens/{token_id}/revoke")).json()
+        return result
+
+    def bootstrap_token(self, remote: str, node: str, ttl_s: int = 3600) -> dict[str, str]:
+        """A one-time token that enrols agent ``node`` on ``remote`` (admins)."""
+        call = _Call(
+            "POST", f"/api/v1/remotes/{remote}/bootstrap-tokens", json={"node": node, "ttl_s": ttl_s}
+        )
+        data: dict[str, str] = self._do(call).json()
+        return data
+
 
 class AsyncClient:
     """Asynchronous client with the same methods as :class:`Client`."""

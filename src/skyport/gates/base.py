@@ -6,6 +6,8 @@ find its work again after a restart of the core is in the ``handle`` it returns 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +28,15 @@ class JobLaunch:
     owner: str  # the Sky Port user name
     spec: JobSpec
     node_names: list[str]
-    inputs_dir: Path  # files uploaded with the submission, kept by the core
+    inputs_dir: Path  # the job's inputs, kept by the core: uploaded with the submission or fetched
     outputs_dir: Path  # where the gate puts the job's output files after the end
     attempt_dir: Path  # the gate's private directory for this attempt (control files)
     env: dict[str, str] = field(default_factory=dict)  # SKYPORT_* and the spec's env, built by the core
+    #: Paths under ``inputs_dir`` that ``stage_in`` places at the same relative path in the working
+    #: directory: files, or directories (copied whole). The core has them all there before it asks.
+    input_paths: list[str] = field(default_factory=list)
+    #: Globs relative to the working directory (``**`` allowed) whose files ``stage_out`` brings back.
+    output_patterns: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -59,13 +66,22 @@ ExitCallback = Callable[[str, Exit], None]
 
 
 class ExecutorGate(Protocol):
+    """What the loops call. Life cycle is the core's business, outside this protocol: a gate that must
+    reach its provider before it can describe its nodes has ``async start()`` (called once, before
+    ``nodes``) and ``close()`` (the jobs keep running; a new core finds them with ``recover``), e.g. the
+    ``ssh`` gate, which connects to its hosts and asks those of undeclared capacity what they have."""
+
     kind: str
 
     def nodes(self, remote_id: str, partition_id: str) -> list[Node]:
         """The nodes this gate offers (static capacity)."""
 
     async def stage_in(self, job: JobLaunch) -> None:
-        """Put the job's input files in its working directory on the node."""
+        """Put each of ``job.input_paths`` (from ``job.inputs_dir``) in its working directory on the node.
+
+        The core has fetched URL inputs into ``inputs_dir`` already (server/staging.py), so a gate only
+        ever copies from the core. An array's tasks share one ``inputs_dir``: never move from it.
+        """
 
     async def launch(self, job: JobLaunch) -> Handle:
         """Start the attempt; return what is needed to find it again."""
@@ -80,7 +96,56 @@ class ExecutorGate(Protocol):
         """Stop the attempt: TERM, then KILL after the grace period."""
 
     async def stage_out(self, job: JobLaunch, handle: Handle) -> list[tuple[str, int, str]]:
-        """Bring the job's output files back; return (name, size, sha256) of each."""
+        """Copy the files matching ``job.output_patterns`` into ``job.outputs_dir`` (same relative paths);
+        return (name, size, sha256) of each. The core delivers them to URLs afterwards, if asked."""
 
     def log_path(self, handle: Handle, stream: str) -> Path | None:
         """Where the core can read the attempt's stdout or stderr, if on this machine."""
+
+    async def open_port(self, handle: Handle, port: int) -> TunnelLink:
+        """A byte stream to ``port`` of the running attempt's (first) node (port forwarding)."""
+
+
+class TunnelLink(Protocol):
+    """One end of a port-forwarding tunnel: bytes in, bytes out (an agent's socket, a TCP stream)."""
+
+    async def send_bytes(self, data: bytes) -> None: ...
+
+    async def receive_bytes(self) -> bytes | None:
+        """The next chunk, or None when the other side closed."""
+
+    async def close(self) -> None: ...
+
+
+class StreamTunnel:
+    """A TCP connection as a tunnel end."""
+
+    CHUNK = 256 * 1024
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+
+    @classmethod
+    async def connect(cls, host: str, port: int) -> StreamTunnel:
+        try:
+            reader, writer = await asyncio.open_connection(host, port)
+        except OSError as exc:
+            raise GateError(f"nothing answers on port {port} of the job's node ({exc.strerror})") from exc
+        return cls(reader, writer)
+
+    async def send_bytes(self, data: bytes) -> None:
+        self._writer.write(data)
+        await self._writer.drain()
+
+    async def receive_bytes(self) -> bytes | None:
+        try:
+            data = await self._reader.read(self.CHUNK)
+        except ConnectionError:
+            return None
+        return data or None
+
+    async def close(self) -> None:
+        self._writer.close()
+        with contextlib.suppress(Exception):
+            await self._writer.wait_closed()

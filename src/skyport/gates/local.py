@@ -9,6 +9,7 @@ move by plain copies.
 from __future__ import annotations
 
 import asyncio
+import errno
 import glob
 import hashlib
 import os
@@ -20,7 +21,16 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from skyport.gates.base import Exit, ExitCallback, GateError, Handle, JobLaunch, Recovered
+from skyport.gates.base import (
+    Exit,
+    ExitCallback,
+    GateError,
+    Handle,
+    JobLaunch,
+    Recovered,
+    StreamTunnel,
+    TunnelLink,
+)
 from skyport.gates.process import ExitStatus, LaunchError, LaunchRequest, ProcessExecutor, ProcessHandle
 from skyport.models import Node
 from skyport.server.settings import LocalGateSettings
@@ -88,7 +98,10 @@ class UserMapper:
 class LocalGate:
     kind = "local"
 
-    def __init__(self, settings: LocalGateSettings, workroot: Path) -> None:
+    def __init__(self, settings: LocalGateSettings, workroot: Path, *, private_inputs: bool = False) -> None:
+        """``private_inputs``: each attempt's inputs directory is its own (the node agent's), so input
+        files are moved into the working directory rather than copied (the core's are shared)."""
+        self._private_inputs = private_inputs
         self._settings = settings
         self._users = UserMapper(settings)
         self._workroot = workroot
@@ -145,18 +158,23 @@ class LocalGate:
     async def stage_in(self, job: JobLaunch) -> None:
         workdir = await asyncio.to_thread(self._prepare_dirs, job)
         ids = self._owner_ids(job)
-        for name in job.spec.input_files:
+        for name in job.input_paths:
             source = job.inputs_dir / name
-            if not source.is_file():
-                raise GateError(f"input file {name!r} was not uploaded with the job")
-            target = workdir / name
-            await asyncio.to_thread(_copy_file, source, target, ids)
+            await asyncio.to_thread(_make_parents, workdir, name, ids)
+            if source.is_dir() and not source.is_symlink():
+                await asyncio.to_thread(_copy_tree, source, workdir / name, ids)
+            elif source.is_file() and self._private_inputs:
+                await asyncio.to_thread(_move_file, source, workdir / name, ids)
+            elif source.is_file():
+                await asyncio.to_thread(_copy_file, source, workdir / name, ids)
+            else:
+                raise GateError(f"input {name!r} is missing from the job's inputs on the core")
 
     async def stage_out(self, job: JobLaunch, handle: Handle) -> list[tuple[str, int, str]]:
         return await asyncio.to_thread(
             _collect_outputs,
             Path(handle["workdir"]),
-            job.spec.output_files,
+            job.output_patterns,
             job.outputs_dir,
             handle.get("uid"),
         )
@@ -233,6 +251,9 @@ class LocalGate:
         value = handle.get(stream)
         return Path(value) if value else None
 
+    async def open_port(self, handle: Handle, port: int) -> TunnelLink:
+        return await StreamTunnel.connect("127.0.0.1", port)
+
     def close(self) -> None:
         self._executor.close()
 
@@ -257,6 +278,41 @@ def _collect_outputs(
             size, digest = _copy_file(path, outputs_dir / rel, None)
             found.append((rel, size, digest))
     return found
+
+
+def _make_parents(workdir: Path, name: str, owner: tuple[int, int] | None) -> None:
+    """The directories of ``name`` inside ``workdir``, owned by the job's account (it writes there)."""
+    directory = workdir
+    for part in Path(name).parts[:-1]:
+        directory = directory / part
+        if not directory.exists():
+            directory.mkdir(mode=0o700)
+            if owner is not None:
+                os.chown(directory, *owner)
+
+
+def _copy_tree(source: Path, target: Path, owner: tuple[int, int] | None) -> None:
+    """Copy a fetched input directory (the core's own files: no links) file by file, as ``owner``."""
+    for path in [source, *sorted(source.rglob("*"))]:
+        dest = target / path.relative_to(source)
+        if path.is_dir() and not path.is_symlink():
+            dest.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if owner is not None:
+                os.chown(dest, *owner)
+        elif path.is_file() and not path.is_symlink():
+            _copy_file(path, dest, owner)
+
+
+def _move_file(source: Path, target: Path, owner: tuple[int, int] | None) -> None:
+    """Move a file into place (given to ``owner``); copy when it is on another filesystem."""
+    try:
+        if owner is not None:
+            os.chown(source, *owner)
+        os.replace(source, target)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        _copy_file(source, target, owner)
 
 
 def _copy_file(source: Path, target: Path, owner: tuple[int, int] | None) -> tuple[int, str]:

@@ -3,6 +3,7 @@
 from skyport.pki.authority import (
     CA_CERT_FILE,
     CA_KEY_FILE,
+    NODE_URI_PREFIX,
     SUBJECT_USER_ID_OID,
     USER_URI_PREFIX,
     CertIdentity,
@@ -15,6 +16,7 @@ from skyport.pki.authority import (
     identity_from_certificate,
     key_to_pem,
     make_csr,
+    node_id_from_certificate,
     server_names,
     write_private,
 )
@@ -22,6 +24,7 @@ from skyport.pki.authority import (
 __all__ = [
     "CA_CERT_FILE",
     "CA_KEY_FILE",
+    "NODE_URI_PREFIX",
     "SUBJECT_USER_ID_OID",
     "USER_URI_PREFIX",
     "CertIdentity",
@@ -34,6 +37,7 @@ __all__ = [
     "identity_from_certificate",
     "key_to_pem",
     "make_csr",
+    "node_id_from_certificate",
     "server_names",
     "write_private",
 ]

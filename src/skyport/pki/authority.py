@@ -30,6 +30,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 __all__ = [
     "CA_CERT_FILE",
     "CA_KEY_FILE",
+    "NODE_URI_PREFIX",
     "SUBJECT_USER_ID_OID",
     "USER_URI_PREFIX",
     "CertIdentity",
@@ -42,6 +43,7 @@ __all__ = [
     "identity_from_certificate",
     "key_to_pem",
     "make_csr",
+    "node_id_from_certificate",
     "server_names",
     "write_private",
 ]
@@ -52,6 +54,8 @@ CA_KEY_FILE = "ca-key.pem"
 SUBJECT_USER_ID_OID = x509.ObjectIdentifier("2.5.29.17")
 #: Our own identity form: a SAN URI ``skyport:user:<id>``.
 USER_URI_PREFIX = "skyport:user:"
+#: A node agent's identity: a SAN URI ``skyport:node:<id>`` (and never a user's form).
+NODE_URI_PREFIX = "skyport:node:"
 
 CA_VALIDITY_DAYS = 3650
 #: Backdate ``not_valid_before`` a little so that a peer whose clock lags does not reject a fresh cert.
@@ -287,11 +291,37 @@ class CertificateAuthority:
             raise ValueError("the CSR's signature does not verify")
         return self.issue_user(user_id, user_name, _check_public_key(csr.public_key()), days=days)
 
+    def sign_node_csr(
+        self, csr_pem: bytes, node_id: str, node_name: str, lifetime: dt.timedelta
+    ) -> x509.Certificate:
+        """A short-lived client certificate for a node agent's own key (from its CSR).
+
+        It names the node (SAN URI ``skyport:node:<id>``) and carries no user identity, so it can never
+        act as a user on the user API. Raises ``ValueError`` like :meth:`sign_csr`.
+        """
+        csr = x509.load_pem_x509_csr(csr_pem)
+        if not csr.is_signature_valid:
+            raise ValueError("the CSR's signature does not verify")
+        public_key = _check_public_key(csr.public_key())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node_name)])
+        san = x509.SubjectAlternativeName([x509.UniformResourceIdentifier(NODE_URI_PREFIX + node_id)])
+        return (
+            self._leaf_builder(subject, public_key, lifetime, ExtendedKeyUsageOID.CLIENT_AUTH)
+            .add_extension(san, critical=False)
+            .sign(self._key, hashes.SHA256())
+        )
+
     def _leaf_builder(
-        self, subject: x509.Name, public_key: PublicKey, days: int, usage: x509.ObjectIdentifier
+        self,
+        subject: x509.Name,
+        public_key: PublicKey,
+        validity: int | dt.timedelta,
+        usage: x509.ObjectIdentifier,
     ) -> x509.CertificateBuilder:
-        if days <= 0:
-            raise ValueError("days must be positive")
+        """``validity``: days (int) or an exact lifetime."""
+        lifetime = dt.timedelta(days=validity) if isinstance(validity, int) else validity
+        if lifetime <= dt.timedelta(0):
+            raise ValueError("a certificate's validity must be positive")
         now = _now()
         ca_public_key = self._key.public_key()
         return (
@@ -301,7 +331,7 @@ class CertificateAuthority:
             .public_key(public_key)
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - CLOCK_SKEW)
-            .not_valid_after(now + dt.timedelta(days=days))
+            .not_valid_after(now + lifetime)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
@@ -350,15 +380,29 @@ def identity_from_certificate(der: bytes) -> CertIdentity | None:
         return None
 
 
-def _user_id_from_san(cert: x509.Certificate) -> str | None:
+def node_id_from_certificate(der: bytes) -> tuple[str, int] | None:
+    """The node id and serial in a (verified) node agent certificate, or None if it is not one."""
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        node_id = _san_uri_value(cert, NODE_URI_PREFIX)
+    except Exception:  # malformed: no identity, never a crash in the request path
+        return None
+    return None if node_id is None else (node_id, cert.serial_number)
+
+
+def _san_uri_value(cert: x509.Certificate, prefix: str) -> str | None:
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return None
     for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
-        if uri.startswith(USER_URI_PREFIX) and len(uri) > len(USER_URI_PREFIX):
-            return uri[len(USER_URI_PREFIX) :]
+        if uri.startswith(prefix) and len(uri) > len(prefix):
+            return uri[len(prefix) :]
     return None
+
+
+def _user_id_from_san(cert: x509.Certificate) -> str | None:
+    return _san_uri_value(cert, USER_URI_PREFIX)
 
 
 def _user_id_from_subject(cert: x509.Certificate) -> str | None:

@@ -48,6 +48,37 @@ class LocalGateSettings(BaseModel):
     #: Walltime given to jobs that ask for none (seconds); None: unlimited.
     default_walltime: int | None = Field(default=None, ge=1)
     max_walltime: int | None = Field(default=None, ge=1)
+    #: How this remote provides the container images jobs name (a TES executor's ``image``): ``none``,
+    #: it cannot (such a task ends in SYSTEM_ERROR at once); ``host``, the commands run in this
+    #: machine's own environment instead, and the task's system logs say so.
+    images: Literal["none", "host"] = "none"
+    #: ``host`` images: directories put in front of PATH for those commands (e.g. a virtualenv's bin).
+    host_path: list[str] = Field(default_factory=list)
+
+
+class StagingSettings(BaseModel):
+    """Moving job data from URLs before the start and to URLs after the end (``[staging]``)."""
+
+    #: Directories on the core host that ``file://`` inputs may be read from and outputs written to, by
+    #: every user. Empty: ``file://`` is refused (a core, maybe root, never reads arbitrary host files).
+    file_roots: list[Path] = Field(default_factory=list)
+    #: Buckets ``s3://`` URLs may name (``"*"``: any the core's AWS credentials reach). Credentials come
+    #: from the usual AWS chain of the core (environment, ``~/.aws``, instance role), never from users.
+    s3_buckets: list[str] = Field(default_factory=list)
+    #: Another S3 endpoint (MinIO, Ceph, a test server); None: AWS.
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    #: CA certificates trusted for ``https://`` besides the usual public ones (an internal CA).
+    https_ca_file: Path | None = None
+    #: Attempts per transfer on transient errors (connection errors, HTTP 5xx), with doubling waits.
+    attempts: int = Field(default=4, ge=1)
+    backoff_s: float = Field(default=1.0, ge=0)
+    #: Seconds without a byte before a transfer counts as failed (then retried).
+    timeout_s: float = Field(default=60.0, gt=0)
+    #: Transfers running at once (each in its own thread, off the event loop).
+    parallel: int = Field(default=4, ge=1)
+    #: Seconds between progress updates in a job's ``state_details`` (each is an event).
+    progress_interval_s: float = Field(default=2.0, gt=0)
 
 
 class SchedulerSettings(BaseModel):
@@ -116,6 +147,8 @@ class SSHRemoteSettings(RemoteSettingsBase):
     #: The agent command on the host (agent mode).
     agent_command: str = "skyport agent"
     connect_timeout_s: float = Field(default=15.0, gt=0)
+    #: Direct mode: seconds between status passes (one command per host per pass; logs fetched then).
+    poll_interval_s: float = Field(default=1.0, gt=0)
 
 
 RemoteSettings = Annotated[AgentRemoteSettings | SSHRemoteSettings, Field(discriminator="kind")]
@@ -139,10 +172,13 @@ class Settings(BaseSettings):
     log_json: bool = False
     local: LocalGateSettings = Field(default_factory=LocalGateSettings)
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
+    staging: StagingSettings = Field(default_factory=StagingSettings)
     #: Remotes besides ``local`` (``[[remotes]]`` tables in skyport.toml).
     remotes: list[RemoteSettings] = Field(default_factory=list)
     #: The address agents and tunnels use to reach this core (default: https://<host>:<port>).
     public_url: str | None = None
+    #: Lifetime of a node agent's certificate; agents renew when a third of it is left.
+    node_cert_lifetime_s: float = Field(default=24 * 3600.0, ge=60)
 
     @classmethod
     def settings_customise_sources(

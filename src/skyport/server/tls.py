@@ -244,6 +244,9 @@ def make_uvicorn_config(
     kwargs.setdefault("ws", WS_PROTOCOL or "none")
     kwargs.setdefault("loop", "auto")
     kwargs.setdefault("proxy_headers", False)
+    # WebSockets carry tunnel bytes (often compressed or encrypted already) and agent messages: deflate
+    # would cost both ends CPU for little gain, and caps a tunnel at zlib's speed.
+    kwargs.setdefault("ws_per_message_deflate", False)
     cert_file, key_file, ca_file = Path(cert_file), Path(key_file), Path(ca_file)
     return uvicorn.Config(
         app,

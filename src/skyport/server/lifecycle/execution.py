@@ -26,6 +26,15 @@ from skyport.server.lifecycle.outcome import EndFlags, Outcome, decide
 from skyport.server.lifecycle.wakeup import JobNotifier, Wakeup
 from skyport.server.metrics import Metrics
 from skyport.server.spool import Spool
+from skyport.server.staging import (
+    Stager,
+    StagingError,
+    StagingStopped,
+    input_paths,
+    needs_stage_in,
+    needs_stage_out,
+    output_patterns,
+)
 from skyport.server.store import jobs as job_store
 from skyport.server.store import users as user_store
 from skyport.server.store.engine import Store
@@ -85,8 +94,10 @@ class ExecutionLoop:
         usage_half_life_s: float,
         wakeup: Wakeup,
         on_finished: Callable[[], None],
+        stager: Stager,
     ) -> None:
         self.wakeup = wakeup
+        self._stager = stager
         self._store = store
         self._clock = clock
         self._metrics = metrics
@@ -101,11 +112,14 @@ class ExecutionLoop:
         self._busy: set[str] = set()  # staging in or out right now
         self._exits: dict[str, Exit] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Set once every active job has been found again after start-up.
+        self.recovered = asyncio.Event()
 
     # -- the loop ------------------------------------------------------------------------------------
 
     async def run(self) -> None:
         await self.recover()
+        self.recovered.set()
         while True:
             try:
                 await self.pass_once()
@@ -158,6 +172,8 @@ class ExecutionLoop:
             outputs_dir=self._spool.outputs(row.id),
             attempt_dir=self._spool.attempt(row.id, row.attempt),
             env=env,
+            input_paths=input_paths(spec),
+            output_patterns=output_patterns(spec),
         )
 
     def _gate(self, row: Any) -> ExecutorGate:
@@ -182,7 +198,7 @@ class ExecutionLoop:
                 failures.append(self._ended_before_start(row, now))
                 continue
             launch = self._job_launch(row)
-            if launch.spec.input_files:
+            if needs_stage_in(launch.spec):
                 self._busy.add(row.id)
                 self._spawn(self._stage_in_then_launch(row, launch))
                 continue
@@ -202,12 +218,23 @@ class ExecutionLoop:
                         row.id,
                         JobState.STAGING_IN,
                         "staging_in",
-                        f"Copying {len(launch.spec.input_files)} input file(s) to the node",
+                        f"Placing {len(launch.input_paths)} input(s) in the working directory",
                         frozenset({JobState.SCHEDULED, JobState.STAGING_IN}),
                     )
                 ]
             )
             gate = self._gate(row)
+            try:
+                await self._stager.fetch_inputs(launch)
+            except StagingError as exc:
+                await self._apply([self._stage_in_failed(row, str(exc), self._clock.now())])
+                return
+            except StagingStopped:  # canceled or requeued meanwhile, or the core is stopping
+                fresh = await self._fresh_row(row.id)
+                stopped = fresh is not None and (fresh.cancel_requested or fresh.requeue_requested)
+                if stopped and fresh.state == JobState.STAGING_IN.value:
+                    await self._apply([self._ended_before_start(fresh, self._clock.now())])
+                return
             await gate.stage_in(launch)
             fresh = await self._fresh_row(row.id)
             if fresh is None or fresh.state != JobState.STAGING_IN.value:
@@ -216,7 +243,7 @@ class ExecutionLoop:
                 await self._apply([self._ended_before_start(fresh, self._clock.now())])
                 return
             handle = await gate.launch(launch)
-        except GateError as exc:
+        except (GateError, OSError) as exc:
             await self._apply([self._launch_failed(row, str(exc), self._clock.now())])
             return
         finally:
@@ -286,6 +313,16 @@ class ExecutionLoop:
             row.id, outcome.state, outcome.reason, outcome.message, LAUNCHABLE, values
         )
 
+    def _stage_in_failed(self, row: Any, message: str, now: Any) -> job_store.StateChange:
+        return job_store.StateChange(
+            row.id,
+            JobState.FAILED,
+            "stage_in_failed",
+            f"Inputs not fetched: {message}",
+            STARTED,
+            {"end_time": now},
+        )
+
     def _launch_failed(self, row: Any, message: str, now: Any) -> job_store.StateChange:
         return job_store.StateChange(
             row.id,
@@ -342,7 +379,7 @@ class ExecutionLoop:
         staging: list[tuple[_Tracked, Outcome, job_store.StateChange]] = []
         for tracked, exit in ready:
             outcome = decide(exit, self._flags(tracked))
-            if tracked.launch.spec.output_files and outcome.state is not JobState.QUEUED:
+            if needs_stage_out(tracked.launch.spec) and outcome.state is not JobState.QUEUED:
                 change = job_store.StateChange(
                     tracked.launch.job_id,
                     JobState.STAGING_OUT,
@@ -399,6 +436,13 @@ class ExecutionLoop:
                 )
                 files = []
             await self._store.write(job_store.replace_files, launch.job_id, "output", files)
+            if outcome.state is JobState.COMPLETED and launch.spec.outputs:
+                try:  # delivered to their URLs only after a success; always kept for download
+                    await self._stager.deliver_outputs(launch, handle.get("uid"))
+                except StagingError as exc:
+                    outcome = Outcome(
+                        JobState.FAILED, "stage_out_failed", f"Outputs not delivered: {exc}", outcome.values
+                    )
             await self._apply(
                 [
                     self._final_change(

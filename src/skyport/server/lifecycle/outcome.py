@@ -53,8 +53,8 @@ def decide(exit: Exit, flags: EndFlags) -> Outcome:
             f"Killed: ran past its walltime of {format_duration(flags.walltime or 0)}",
             recorded,
         )
-    if exit.reason == "lost":
-        return Outcome(JobState.FAILED, "lost", exit.message, recorded)
+    if exit.reason in ("lost", "node_lost"):  # the process, or its whole node, is gone: a system error
+        return Outcome(JobState.FAILED, exit.reason, exit.message, recorded)
     if exit.signal is not None:
         return Outcome(JobState.FAILED, "signal", f"Failed: {exit.message}", recorded)
     if exit.exit_code == 0:

@@ -504,3 +504,23 @@ def rows_of_array(conn: Connection, array_id: str) -> list[Any]:
         jobs.c.array_id == array_id
     )
     return list(conn.execute(query))
+
+
+def running_with_ports(conn: Connection, remote_ids: list[str]) -> list[Any]:
+    """Running jobs on the given remotes whose spec declares ports (id, spec, handle, node_ips, remote)."""
+    if not remote_ids:
+        return []
+    rows = conn.execute(
+        select(jobs.c.id, jobs.c.spec, jobs.c.handle, jobs.c.node_ips, jobs.c.remote_id).where(
+            jobs.c.state == JobState.RUNNING.value, jobs.c.remote_id.in_(remote_ids)
+        )
+    )
+    return [r for r in rows if r.spec.get("ports")]
+
+
+def set_first_node_ip(conn: Connection, job_id: str, ip: str) -> None:
+    """Make ``ip`` the job's ``node_ips[0]`` (the address clients use to reach it)."""
+    row = conn.execute(select(jobs.c.node_ips).where(jobs.c.id == job_id)).first()
+    if row is not None and (not row.node_ips or row.node_ips[0] != ip):
+        rest = [a for a in (row.node_ips or []) if a != ip]
+        conn.execute(update(jobs).where(jobs.c.id == job_id).values(node_ips=[ip, *rest]))

@@ -274,3 +274,29 @@ events = Table(
     Column("reason", String(64), nullable=False),
     Column("message", Text, nullable=False),
 )
+
+tes_tasks = Table(
+    "tes_tasks",
+    metadata,
+    # Creation order: the stable page cursor of GET /ga4gh/tes/v1/tasks.
+    Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    # A TES task is one job; its TES id is the job's id.
+    Column("job_id", String(36), ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False, unique=True),
+    Column("owner_id", String(36), ForeignKey("users.id"), nullable=False),
+    Column("name", String(256), nullable=False, server_default=""),
+    Column("tags", JSON, nullable=False),
+    # The task document as accepted (what GET shows back), and notes for its system_logs.
+    Column("task", JSON, nullable=False),
+    Column("notes", JSON, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    # The callback_url extension: where state changes are POSTed, signed with the token the task was
+    # created with (or the core's key); the last event delivered, and whether the final one was (true
+    # from the start for tasks without a callback, so the loop's index holds only the pending ones).
+    Column("callback_url", Text, nullable=True),
+    Column("token_id", String(36), nullable=True),
+    Column("callback_event_id", BigInteger, nullable=False, server_default="0"),
+    Column("callback_done", Boolean, nullable=False, server_default="0"),
+)
+# A user's tasks newest first (the list's common query), and the callback loop's pending tasks.
+Index("ix_tes_tasks_owner_seq", tes_tasks.c.owner_id, tes_tasks.c.seq)
+Index("ix_tes_tasks_callback_done", tes_tasks.c.callback_done)

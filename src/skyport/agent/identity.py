@@ -1,0 +1,130 @@
+"""The agent's identity: its own key and short-lived node certificate, enrolled and renewed.
+
+The key is generated here and never leaves the node: the core only ever sees a CSR. Files live in the
+agent's state directory (the key readable by the agent's account only).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import socket
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from cryptography import x509
+
+from skyport.agent import protocol
+from skyport.pki import generate_key, key_to_pem, make_csr, write_private
+
+KEY_FILE = "node-key.pem"
+CERT_FILE = "node-cert.pem"
+CA_FILE = "ca.pem"
+NODE_FILE = "node.json"
+
+
+class EnrolmentRefused(Exception):
+    """The core refused to enrol or renew; the message says why and what to do."""
+
+
+@dataclass
+class NodeIdentity:
+    state_dir: Path
+    url: str
+
+    @property
+    def key_path(self) -> Path:
+        return self.state_dir / KEY_FILE
+
+    @property
+    def cert_path(self) -> Path:
+        return self.state_dir / CERT_FILE
+
+    @property
+    def ca_path(self) -> Path:
+        return self.state_dir / CA_FILE
+
+    def enrolled(self) -> bool:
+        return self.cert_path.exists() and self.key_path.exists() and (self.state_dir / NODE_FILE).exists()
+
+    def node(self) -> dict[str, str]:
+        data: dict[str, str] = json.loads((self.state_dir / NODE_FILE).read_text())
+        return data
+
+    def expires_at(self) -> dt.datetime:
+        cert = x509.load_pem_x509_certificate(self.cert_path.read_bytes())
+        return cert.not_valid_after_utc
+
+    def lifetime(self) -> dt.timedelta:
+        cert = x509.load_pem_x509_certificate(self.cert_path.read_bytes())
+        return cert.not_valid_after_utc - cert.not_valid_before_utc
+
+    def renewal_due(self, now: dt.datetime) -> bool:
+        """When less than a third of the certificate's life is left."""
+        return self.expires_at() - now < self.lifetime() / 3
+
+    def server_context(self, ca_file: Path | None = None) -> ssl.SSLContext:
+        """TLS to the core, verified against our CA (no client certificate: enrolment)."""
+        return ssl.create_default_context(cafile=str(ca_file or self.ca_path))
+
+    def client_context(self) -> ssl.SSLContext:
+        """TLS to the core with the node certificate (everything after enrolment)."""
+        context = ssl.create_default_context(cafile=str(self.ca_path))
+        context.load_cert_chain(str(self.cert_path), str(self.key_path))
+        return context
+
+    def enrol(self, token: str, ca_file: Path) -> dict[str, str]:
+        """Trade a bootstrap token and a CSR for a node certificate."""
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.ca_path.write_bytes(ca_file.read_bytes())
+        key = generate_key()
+        body = {
+            "token": token,
+            "csr": make_csr(key, socket.gethostname()).decode(),
+            "hostname": socket.gethostname(),
+        }
+        answer = self._post(protocol.ENROL_PATH, body, self.server_context())
+        self._save(key_to_pem(key), answer)
+        return self.node()
+
+    def renew(self) -> None:
+        """A fresh key and certificate, authenticated by the current one."""
+        key = generate_key()
+        answer = self._post(
+            protocol.RENEW_PATH, {"csr": make_csr(key, socket.gethostname()).decode()}, self.client_context()
+        )
+        self._save(key_to_pem(key), answer)
+
+    def _post(self, path: str, body: dict[str, str], context: ssl.SSLContext) -> dict[str, str]:
+        try:
+            response = httpx.post(self.url.rstrip("/") + path, json=body, verify=context, timeout=30.0)
+        except httpx.HTTPError as exc:
+            raise EnrolmentRefused(f"cannot reach the core at {self.url}: {exc}") from exc
+        if response.status_code != 200:
+            try:
+                detail = response.json().get("detail", response.text)
+            except ValueError:
+                detail = response.text
+            raise EnrolmentRefused(f"the core refused ({response.status_code}): {detail}")
+        data: dict[str, str] = response.json()
+        return data
+
+    def _save(self, key_pem: bytes, answer: dict[str, str]) -> None:
+        # Key first, then certificate, each replaced atomically: a crash leaves a usable pair or the old.
+        tmp_key = self.key_path.with_suffix(".new")
+        write_private(tmp_key, key_pem)
+        tmp_cert = self.cert_path.with_suffix(".new")
+        tmp_cert.write_text(answer["certificate"])
+        os.replace(tmp_key, self.key_path)
+        os.replace(tmp_cert, self.cert_path)
+        self.ca_path.write_text(answer["ca"])
+        node = {
+            "node_id": answer["node_id"],
+            "node_name": answer["node_name"],
+            "remote": answer["remote"],
+            "url": self.url,
+        }
+        (self.state_dir / NODE_FILE).write_text(json.dumps(node))

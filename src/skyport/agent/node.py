@@ -1,0 +1,501 @@
+"""The agent's runtime: one session with the core at a time, jobs that outlive any session.
+
+Jobs run through the local gate's code (process groups, the job's Unix account, walltime via cancel,
+recovery from control files), so a job behaves the same here as on the core's own machine. What the
+agent knows about its jobs is kept in ``jobs.json`` in its state directory: a restarted agent finds its
+running jobs again, and an ended job's exit is re-sent on every reconnect until the core acknowledges it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import os
+import random
+import socket
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import structlog
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from skyport.agent import protocol
+from skyport.agent.identity import NodeIdentity
+from skyport.gates.base import Exit, GateError, JobLaunch, StreamTunnel
+from skyport.gates.local import LocalGate, machine_memory
+from skyport.models import JobSpec
+from skyport.server.settings import LocalGateSettings
+
+log = structlog.get_logger(__name__)
+
+LOG_POLL_S = 0.25
+RECONNECT_MIN_S = 0.2
+RECONNECT_MAX_S = 5.0
+#: An ended job's record is kept this long (so a core that restarts can still ask about it).
+KEEP_ENDED_S = 24 * 3600.0
+DOWNLOAD_CHUNK = 1024 * 1024
+
+
+@dataclass
+class AgentConfig:
+    url: str
+    state_dir: Path
+    local: LocalGateSettings
+    cpus: int | None = None
+    mem: int | None = None
+    gpus: int = 0
+    labels: dict[str, str] = field(default_factory=dict)
+    heartbeat_s: float = 5.0
+
+
+@dataclass
+class _Job:
+    wire: protocol.WireJob
+    handle: dict[str, Any] | None = None
+    exit: dict[str, Any] | None = None
+    ended_at: float | None = None
+    acked: bool = False
+    sent: dict[str, int] = field(default_factory=lambda: {"stdout": 0, "stderr": 0})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "wire": self.wire.to_dict(),
+            "handle": self.handle,
+            "exit": self.exit,
+            "ended_at": self.ended_at,
+            "acked": self.acked,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> _Job:
+        return cls(
+            wire=protocol.WireJob.from_dict(data["wire"]),
+            handle=data.get("handle"),
+            exit=data.get("exit"),
+            ended_at=data.get("ended_at"),
+            acked=bool(data.get("acked")),
+        )
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, identity: NodeIdentity) -> None:
+        self._config = config
+        self._identity = identity
+        workroot = config.local.workroot or config.state_dir / "work"
+        self._gate = LocalGate(config.local, workroot, private_inputs=True)
+        self._jobs: dict[str, _Job] = {}
+        self._ws: ClientConnection | None = None
+        self._send_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._exit_ready = asyncio.Event()
+        self._log_lock = asyncio.Lock()
+
+    # -- state ---------------------------------------------------------------------------------------
+
+    @property
+    def _jobs_file(self) -> Path:
+        return self._config.state_dir / "jobs.json"
+
+    def _save(self) -> None:
+        data = {job_id: job.to_dict() for job_id, job in self._jobs.items()}
+        tmp = self._jobs_file.with_suffix(".new")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, self._jobs_file)
+
+    def _job_dir(self, wire: protocol.WireJob) -> Path:
+        return self._config.state_dir / "jobs" / f"{wire.job_id}.{wire.attempt}"
+
+    def _launch(self, wire: protocol.WireJob) -> JobLaunch:
+        base = self._job_dir(wire)
+        return JobLaunch(
+            job_id=wire.job_id,
+            attempt=wire.attempt,
+            name=wire.name,
+            owner=wire.owner,
+            spec=JobSpec.model_validate(wire.spec),
+            node_names=wire.node_names,
+            inputs_dir=base / "inputs",
+            outputs_dir=base / "outputs",
+            attempt_dir=base,
+            env=wire.env,
+            input_paths=wire.input_paths,
+            output_patterns=wire.output_patterns,
+        )
+
+    async def _restore(self) -> None:
+        """After an agent restart: find every job again (running, or ended while the agent was away)."""
+        if not self._jobs_file.exists():
+            return
+        loop = asyncio.get_running_loop()
+        for job_id, data in json.loads(self._jobs_file.read_text()).items():
+            job = _Job.from_dict(data)
+            if job.ended_at is not None and loop.time() - job.ended_at > KEEP_ENDED_S:
+                continue
+            self._jobs[job_id] = job
+            if job.exit is None:
+                found = await self._gate.recover(self._launch(job.wire), job.handle)
+                if found.handle is not None:
+                    job.handle = found.handle
+                    self._watch(job)
+                else:
+                    ended = found.exit or Exit(None, None, "lost", "the job's process was not found")
+                    self._ended(job, ended)
+        self._save()
+
+    # -- running ---------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        await self._restore()
+        delay = RECONNECT_MIN_S
+        while True:
+            try:
+                await self._session()
+                delay = RECONNECT_MIN_S
+            except (OSError, ConnectionClosed, ssl.SSLError, TimeoutError) as exc:
+                log.info("not connected to the core; retrying", error=str(exc) or type(exc).__name__)
+            await asyncio.sleep(delay * (1 + random.random() / 4))  # backoff between reconnects
+            delay = min(RECONNECT_MAX_S, delay * 2)
+            await asyncio.to_thread(self._renew_if_due)
+
+    def _renew_if_due(self) -> None:
+        try:
+            if self._identity.renewal_due(dt.datetime.now(dt.UTC)):
+                self._identity.renew()
+                log.info("node certificate renewed", expires=self._identity.expires_at().isoformat())
+        except Exception as exc:  # renewal is retried on the next reconnect or timer
+            log.warning("certificate renewal failed", error=str(exc))
+
+    def _ws_url(self, path: str) -> str:
+        base = self._config.url.rstrip("/")
+        return "wss://" + base.split("://", 1)[1] + path
+
+    async def _session(self) -> None:
+        context = self._identity.client_context()
+        async with connect(
+            self._ws_url(protocol.CONNECT_PATH),
+            ssl=context,
+            max_size=protocol.MAX_MESSAGE_BYTES,
+            compression=None,
+            open_timeout=15,
+            ping_interval=self._config.heartbeat_s,
+            ping_timeout=self._config.heartbeat_s * 3,
+            close_timeout=self._config.heartbeat_s * 2,  # a cut network must not hold a dead socket long
+        ) as ws:
+            self._ws = ws
+            try:
+                await self._send(self._hello())
+                welcome = json.loads(await ws.recv())
+                self._welcome(welcome)
+                log.info("connected to the core", url=self._config.url)
+                workers = [
+                    asyncio.create_task(self._heartbeats()),
+                    asyncio.create_task(self._pump_logs()),
+                    asyncio.create_task(self._send_exits()),
+                    asyncio.create_task(self._renewals()),
+                ]
+                try:
+                    async for raw in ws:
+                        self._spawn(self._handle(json.loads(raw)))
+                finally:
+                    for task in workers:
+                        task.cancel()
+                    await asyncio.gather(*workers, return_exceptions=True)
+            finally:
+                self._ws = None
+
+    def _hello(self) -> dict[str, Any]:
+        jobs = [
+            {"job_id": job_id, "attempt": job.wire.attempt, "exit": job.exit}
+            for job_id, job in self._jobs.items()
+            if not job.acked
+        ]
+        node = {
+            "hostname": socket.gethostname(),
+            "cpus": self._config.cpus or os.cpu_count() or 1,
+            "mem": self._config.mem or machine_memory(),
+            "gpus": self._config.gpus,
+            "labels": self._config.labels,
+        }
+        return {"type": "hello", "node": node, "jobs": jobs}
+
+    def _welcome(self, welcome: dict[str, Any]) -> None:
+        offsets = welcome.get("offsets", {})
+        for job_id, job in self._jobs.items():
+            # Send what the core lacks: from where its copy ends (it may have lost nothing or a lot).
+            job.sent = dict(offsets.get(job_id, {"stdout": 0, "stderr": 0}))
+        for kill in welcome.get("kill", []):
+            doomed = self._jobs.get(kill["job_id"])
+            if doomed is not None and doomed.handle is not None and doomed.exit is None:
+                self._spawn(self._gate.cancel(doomed.handle, float(kill.get("grace_s", 0.0))))
+        self._exit_ready.set()
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        ws = self._ws
+        if ws is None:
+            raise ConnectionError("not connected")
+        async with self._send_lock:
+            await ws.send(json.dumps(message))
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self._config.heartbeat_s)
+            await self._send({"type": "heartbeat"})
+
+    async def _renewals(self) -> None:
+        while True:
+            await asyncio.sleep(60)
+            await asyncio.to_thread(self._renew_if_due)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- requests --------------------------------------------------------------------------------------
+
+    async def _handle(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind == "ack_exit":
+            job = self._jobs.get(str(message["job_id"]))
+            if job is not None and job.wire.attempt == int(message["attempt"]):
+                job.acked = True
+                self._save()
+            return
+        handler = {
+            "launch": self._on_launch,
+            "stage_in": self._on_stage_in,
+            "stage_out": self._on_stage_out,
+            "cancel": self._on_cancel,
+            "status": self._on_status,
+            "tunnel": self._on_tunnel,
+        }.get(str(kind))
+        if handler is None:
+            await self._reply(message, error=f"unknown request {kind!r}")
+            return
+        try:
+            result = await handler(message)
+        except (GateError, OSError, ValueError, KeyError, httpx.HTTPError) as exc:
+            await self._reply(message, error=str(exc) or type(exc).__name__)
+            return
+        await self._reply(message, result=result)
+
+    async def _reply(self, message: dict[str, Any], *, result: Any = None, error: str | None = None) -> None:
+        with contextlib.suppress(ConnectionError, ConnectionClosed):
+            if error is None:
+                await self._send({"type": "reply", "id": message.get("id"), "ok": True, "result": result})
+            else:
+                await self._send({"type": "reply", "id": message.get("id"), "ok": False, "error": error})
+
+    async def _on_launch(self, message: dict[str, Any]) -> dict[str, Any]:
+        wire = protocol.WireJob.from_dict(message["job"])
+        existing = self._jobs.get(wire.job_id)
+        if existing is not None and existing.wire.attempt == wire.attempt and existing.handle is not None:
+            return {"pid": existing.handle["process"]["pid"]}  # a repeated launch: idempotent
+        launch = self._launch(wire)
+        handle = await self._gate.launch(launch)
+        job = _Job(wire=wire, handle=handle)
+        self._jobs[wire.job_id] = job
+        self._save()
+        self._watch(job)
+        return {"pid": handle["process"]["pid"]}
+
+    def _watch(self, job: _Job) -> None:
+        assert job.handle is not None
+
+        def ended(_: str, exit: Exit) -> None:
+            self._ended(job, exit)
+
+        self._gate.watch(job.wire.job_id, job.handle, ended)
+
+    def _ended(self, job: _Job, exit: Exit) -> None:
+        job.exit = protocol.exit_to_dict(exit.exit_code, exit.signal, exit.reason, exit.message)
+        job.ended_at = asyncio.get_running_loop().time()
+        self._save()
+        self._exit_ready.set()
+
+    async def _on_stage_in(self, message: dict[str, Any]) -> dict[str, Any]:
+        wire = protocol.WireJob.from_dict(message["job"])
+        launch = self._launch(wire)
+        digests: dict[str, str] = {}
+        async with httpx.AsyncClient(verify=self._identity.client_context(), timeout=60.0) as client:
+            for entry in message["files"]:
+                digests[str(entry["name"])] = await self._download(
+                    client, wire.job_id, entry, launch.inputs_dir
+                )
+        await self._gate.stage_in(launch)
+        return {"sha256": digests}
+
+    async def _download(
+        self, client: httpx.AsyncClient, job_id: str, entry: dict[str, Any], root: Path
+    ) -> str:
+        """Fetch one input (via a .part file); returns its SHA-256, which the core checks against its own."""
+        name = str(entry["name"])
+        if name.startswith("/") or ".." in name.split("/"):
+            raise ValueError(f"input {name!r} is outside the job's directory")
+        target = root / name
+        await asyncio.to_thread(target.parent.mkdir, parents=True, exist_ok=True)
+        part = target.with_name(f".{target.name}.part")
+        url = self._config.url.rstrip("/") + protocol.INPUT_PATH.format(job_id=job_id, name=quote(name))
+        digest = hashlib.sha256()
+        size = 0
+        async with client.stream("GET", url) as response:
+            if response.status_code != 200:
+                await response.aread()
+                raise GateError(f"input {name}: the core answered {response.status_code}: {response.text}")
+            out = await asyncio.to_thread(open, part, "wb")
+            try:
+                async for chunk in response.aiter_bytes(DOWNLOAD_CHUNK):
+                    digest.update(chunk)
+                    await asyncio.to_thread(out.write, chunk)
+                    size += len(chunk)
+            finally:
+                await asyncio.to_thread(out.close)
+        if size != int(entry["size"]):
+            await asyncio.to_thread(part.unlink, missing_ok=True)
+            raise GateError(f"input {name} arrived incomplete ({size} of {entry['size']} bytes)")
+        await asyncio.to_thread(os.replace, part, target)
+        return digest.hexdigest()
+
+    async def _on_stage_out(self, message: dict[str, Any]) -> dict[str, Any]:
+        wire = protocol.WireJob.from_dict(message["job"])
+        job = self._jobs.get(wire.job_id)
+        if job is None or job.handle is None:
+            raise GateError("the agent does not know this job")
+        launch = self._launch(wire)
+        files = await self._gate.stage_out(launch, job.handle)
+        async with httpx.AsyncClient(verify=self._identity.client_context(), timeout=60.0) as client:
+            for name, _, sha in files:
+                await self._upload(client, wire.job_id, name, sha, launch.outputs_dir / name)
+        return {"files": [{"name": n, "size": s, "sha256": h} for n, s, h in files]}
+
+    async def _upload(self, client: httpx.AsyncClient, job_id: str, name: str, sha: str, path: Path) -> None:
+        url = self._config.url.rstrip("/") + protocol.OUTPUT_PATH.format(job_id=job_id, name=quote(name))
+
+        async def chunks() -> Any:
+            source = await asyncio.to_thread(open, path, "rb")
+            try:
+                while chunk := await asyncio.to_thread(source.read, DOWNLOAD_CHUNK):
+                    yield chunk
+            finally:
+                await asyncio.to_thread(source.close)
+
+        response = await client.put(url, content=chunks(), headers={protocol.SHA256_HEADER: sha})
+        if response.status_code != 200:
+            raise GateError(f"output {name}: the core answered {response.status_code}: {response.text}")
+
+    async def _on_cancel(self, message: dict[str, Any]) -> None:
+        job = self._jobs.get(str(message["job_id"]))
+        if job is None or job.wire.attempt != int(message["attempt"]) or job.handle is None:
+            raise GateError("the agent does not run this job")
+        if job.exit is None:
+            await self._gate.cancel(job.handle, float(message.get("grace_s", 10.0)))
+
+    async def _on_status(self, message: dict[str, Any]) -> dict[str, Any]:
+        job = self._jobs.get(str(message["job_id"]))
+        if job is None or job.wire.attempt != int(message["attempt"]):
+            return {"state": "unknown"}
+        if job.exit is not None:
+            return {"state": "exited", "exit": job.exit}
+        return {"state": "running"}
+
+    async def _on_tunnel(self, message: dict[str, Any]) -> None:
+        job = self._jobs.get(str(message["job_id"]))
+        if job is None or job.exit is not None:
+            raise GateError("the job is not running on this node")
+        port = int(message["port"])
+        local = await StreamTunnel.connect("127.0.0.1", port)
+        url = self._ws_url(protocol.TUNNEL_PATH.format(tunnel_id=message["tunnel_id"]))
+        ws = await connect(
+            url, ssl=self._identity.client_context(), max_size=None, open_timeout=15, compression=None
+        )
+        self._spawn(_splice_ws(ws, local))
+
+    # -- streaming to the core ---------------------------------------------------------------------
+
+    async def _pump_logs(self) -> None:
+        while True:
+            for job in list(self._jobs.values()):
+                if job.handle is not None and not job.acked:
+                    await self._send_logs(job)
+            await asyncio.sleep(LOG_POLL_S)
+
+    async def _send_logs(self, job: _Job) -> None:
+        assert job.handle is not None
+        async with self._log_lock:  # one sender at a time, or two could send one chunk at two offsets
+            for stream in ("stdout", "stderr"):
+                path = Path(job.handle[stream])
+                while True:
+                    offset = job.sent[stream]
+                    chunk = await asyncio.to_thread(_read, path, offset, protocol.LOG_CHUNK_BYTES)
+                    if not chunk:
+                        break
+                    await self._send(
+                        {
+                            "type": "log",
+                            "job_id": job.wire.job_id,
+                            "attempt": job.wire.attempt,
+                            "stream": stream,
+                            "offset": offset,
+                            "data": base64.b64encode(chunk).decode(),
+                        }
+                    )
+                    job.sent[stream] = offset + len(chunk)
+
+    async def _send_exits(self) -> None:
+        while True:
+            await self._exit_ready.wait()
+            self._exit_ready.clear()
+            for job in list(self._jobs.values()):
+                if job.exit is not None and not job.acked:
+                    await self._send_logs(job)  # everything it wrote arrives before its end
+                    await self._send(
+                        {
+                            "type": "exited",
+                            "job_id": job.wire.job_id,
+                            "attempt": job.wire.attempt,
+                            "exit": job.exit,
+                        }
+                    )
+
+    def close(self) -> None:
+        self._gate.close()
+
+
+def _read(path: Path, offset: int, limit: int) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read(limit)
+    except FileNotFoundError:
+        return b""
+
+
+async def _splice_ws(ws: ClientConnection, local: StreamTunnel) -> None:
+    """Copy bytes between a tunnel WebSocket and a local TCP connection until either closes."""
+
+    async def up() -> None:
+        while (data := await local.receive_bytes()) is not None:
+            await ws.send(data)
+
+    async def down() -> None:
+        async for message in ws:
+            await local.send_bytes(message if isinstance(message, bytes) else message.encode())
+
+    tasks = [asyncio.create_task(up()), asyncio.create_task(down())]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await local.close()
+        await ws.close()

@@ -1,0 +1,167 @@
+"""Node enrolment: one-time bootstrap tokens, and the node records agents are known by.
+
+A bootstrap token lets exactly one agent enrol as one named node of one remote, once, before it expires.
+Only the SHA-256 of the secret is stored (secrets are 256 random bits, so a plain hash is enough).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, insert, select, update
+
+from skyport.agent.protocol import node_id_for
+from skyport.server.store.tables import jobs, nodes, partitions, remotes, tokens
+
+BOOTSTRAP = "bootstrap"
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Enrolment:
+    """What redeeming a bootstrap token grants: the node's identity."""
+
+    remote_id: str
+    remote_name: str
+    node_id: str
+    node_name: str
+
+
+def create_bootstrap_token(
+    conn: Connection, *, remote_id: str, node_name: str, ttl: timedelta, now: datetime
+) -> str:
+    """A new one-time token for enrolling ``node_name`` on the remote; returns the secret (shown once)."""
+    secret = secrets.token_urlsafe(32)
+    conn.execute(
+        insert(tokens),
+        {
+            "id": str(uuid.uuid4()),
+            "kind": BOOTSTRAP,
+            "secret_hash": hash_secret(secret),
+            "user_id": None,
+            "name": f"enrol {node_name}",
+            "scopes": ["node:enrol"],
+            "remote_id": remote_id,
+            "node_name": node_name,
+            "created_at": now,
+            "expires_at": now + ttl,
+        },
+    )
+    return secret
+
+
+def redeem_bootstrap_token(conn: Connection, secret: str, now: datetime) -> Enrolment | str:
+    """Use a token up (atomically); the enrolment it grants, or why it is refused."""
+    row = conn.execute(
+        select(tokens, remotes.c.name.label("remote_name"))
+        .join(remotes, remotes.c.id == tokens.c.remote_id)
+        .where(tokens.c.secret_hash == hash_secret(secret), tokens.c.kind == BOOTSTRAP)
+    ).first()
+    if row is None:
+        return "the bootstrap token is not known to this core"
+    if row.revoked_at is not None:
+        return "the bootstrap token has been revoked"
+    if row.expires_at is not None and row.expires_at <= now:
+        return "the bootstrap token has expired: ask for a new one (`skyport node token`)"
+    claimed = conn.execute(
+        update(tokens).where(tokens.c.id == row.id, tokens.c.used_at.is_(None)).values(used_at=now)
+    )
+    if claimed.rowcount != 1:
+        return "the bootstrap token has been used already: each token enrols one node once"
+    return Enrolment(row.remote_id, row.remote_name, node_id_for(row.remote_id, row.node_name), row.node_name)
+
+
+def register_node(
+    conn: Connection,
+    enrolment: Enrolment,
+    *,
+    host: str,
+    ip: str,
+    cpus: int,
+    mem: int,
+    gpus: int,
+    labels: dict[str, str],
+    now: datetime,
+) -> None:
+    """Create or refresh the node row of an enrolled or (re)connected agent; it is up."""
+    values: dict[str, Any] = {
+        "host": host,
+        "ip": ip,
+        "state_power": "up",
+        "cpus": cpus,
+        "mem": mem,
+        "gpus": gpus,
+        "labels": labels,
+        "updated_at": now,
+    }
+    existing = conn.execute(select(nodes.c.id).where(nodes.c.id == enrolment.node_id)).first()
+    if existing is not None:
+        conn.execute(update(nodes).where(nodes.c.id == enrolment.node_id).values(**values))
+        return
+    partition = conn.execute(
+        select(partitions.c.id).where(partitions.c.remote_id == enrolment.remote_id, partitions.c.static)
+    ).first()
+    conn.execute(
+        insert(nodes),
+        {
+            "id": enrolment.node_id,
+            "remote_id": enrolment.remote_id,
+            "partition_id": partition.id if partition else None,
+            "name": enrolment.node_name,
+            "state_alloc": "idle",
+            **values,
+        },
+    )
+
+
+def node_enrolment(conn: Connection, node_id: str) -> Enrolment | None:
+    """The identity of a known node (for an agent presenting its certificate)."""
+    row = conn.execute(
+        select(nodes.c.id, nodes.c.name, nodes.c.remote_id, remotes.c.name.label("remote_name"))
+        .join(remotes, remotes.c.id == nodes.c.remote_id)
+        .where(nodes.c.id == node_id)
+    ).first()
+    return None if row is None else Enrolment(row.remote_id, row.remote_name, row.id, row.name)
+
+
+def set_nodes_power(conn: Connection, node_ids: list[str], power: str, now: datetime) -> list[str]:
+    """Mark nodes up or down; returns the ids whose power state changed."""
+    if not node_ids:
+        return []
+    changed = [
+        r.id
+        for r in conn.execute(
+            select(nodes.c.id).where(nodes.c.id.in_(node_ids), nodes.c.state_power != power)
+        )
+    ]
+    if changed:
+        conn.execute(update(nodes).where(nodes.c.id.in_(changed)).values(state_power=power, updated_at=now))
+    return changed
+
+
+def nodes_with_remote(conn: Connection, remote_ids: list[str]) -> list[tuple[str, str, str, str]]:
+    """(node id, node name, remote id, power state) of every node of the given remotes."""
+    rows = conn.execute(
+        select(nodes.c.id, nodes.c.name, nodes.c.remote_id, nodes.c.state_power).where(
+            nodes.c.remote_id.in_(remote_ids)
+        )
+    )
+    return [(r.id, r.name, r.remote_id, r.state_power) for r in rows]
+
+
+def job_on_node(conn: Connection, job_id: str, node_id: str) -> Any:
+    """The job's row if it is placed on the node (what an agent may touch), else None."""
+    row = conn.execute(
+        select(jobs.c.id, jobs.c.node_ids, jobs.c.array_id, jobs.c.state).where(jobs.c.id == job_id)
+    ).first()
+    if row is None or node_id not in (row.node_ids or []):
+        return None
+    return row
