@@ -151,7 +151,59 @@ class SSHRemoteSettings(RemoteSettingsBase):
     poll_interval_s: float = Field(default=1.0, gt=0)
 
 
-RemoteSettings = Annotated[AgentRemoteSettings | SSHRemoteSettings, Field(discriminator="kind")]
+class CloudRemoteSettings(RemoteSettingsBase):
+    """What every remote that creates partitions on demand has (the provisioning loop reads these).
+
+    Each provider kind subclasses it with its own ``kind`` literal and provider settings.
+    """
+
+    #: Partitions being created at once on this remote (the provider's own limits permitting).
+    max_creating: int = Field(default=100, ge=1)
+    #: Nodes this remote may have at once, all partitions together.
+    max_nodes: int = Field(default=1000, ge=1)
+    #: An idle partition (its job ended) is kept this long for another job of the same account, flavor
+    #: and image, then deleted.
+    idle_timeout_s: float = Field(default=300.0, ge=0)
+    #: Deadlines of the steps: the provider creating the machines, the agents enrolling, deletion.
+    create_timeout_s: float = Field(default=900.0, gt=0)
+    boot_timeout_s: float = Field(default=900.0, gt=0)
+    delete_timeout_s: float = Field(default=900.0, gt=0)
+    #: Attempts per provider call on transient errors, with doubling waits from ``backoff_s``.
+    attempts: int = Field(default=5, ge=1)
+    backoff_s: float = Field(default=1.0, ge=0)
+    heartbeat_timeout_s: float = Field(default=60.0, gt=0)
+    default_image: str | None = None
+    #: The currency of the catalog's prices (shown with costs).
+    currency: str = "USD"
+
+
+class SimRemoteSettings(CloudRemoteSettings):
+    """The ``sim`` cloud: VMs are real ``skyport agent`` processes on this machine (tests, demos)."""
+
+    kind: Literal["sim"] = "sim"
+    #: Provider-specific settings (catalog, boot latency, failure rates, quotas): see gates/sim.py.
+    sim: dict[str, Any] = Field(default_factory=dict)
+
+
+class HTTPRemoteSettings(CloudRemoteSettings):
+    """An out-of-process gate speaking the gate protocol (reference/gate-protocol.md)."""
+
+    kind: Literal["http"] = "http"
+    url: str
+    #: The provider kind in the gate's paths (``/<provider>/flavors``), e.g. ``azure``, ``openstack``.
+    provider: str
+    location: str = ""
+    #: TLS: the gate's CA; our client certificate for it (mTLS), from files on the core host.
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    timeout_s: float = Field(default=30.0, gt=0)
+
+
+RemoteSettings = Annotated[
+    AgentRemoteSettings | SSHRemoteSettings | SimRemoteSettings | HTTPRemoteSettings,
+    Field(discriminator="kind"),
+]
 
 
 class Settings(BaseSettings):
