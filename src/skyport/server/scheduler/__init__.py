@@ -11,6 +11,7 @@ from skyport.server.scheduler.priority import fairshare_factors, job_priority
 from skyport.server.scheduler.snapshot import (
     AccountState,
     FlavorOffer,
+    Forward,
     NodeCapacity,
     PendingJob,
     Placement,
@@ -19,6 +20,7 @@ from skyport.server.scheduler.snapshot import (
     Provision,
     Rejection,
     RunningJob,
+    SelfScheduling,
     Snapshot,
     Wait,
 )
@@ -27,6 +29,7 @@ __all__ = [
     "ALGORITHMS",
     "AccountState",
     "FlavorOffer",
+    "Forward",
     "NodeCapacity",
     "PendingJob",
     "Placement",
@@ -36,6 +39,7 @@ __all__ = [
     "Provision",
     "Rejection",
     "RunningJob",
+    "SelfScheduling",
     "Snapshot",
     "Wait",
     "fairshare_factors",

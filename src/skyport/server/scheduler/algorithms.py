@@ -39,6 +39,7 @@ from operator import attrgetter
 from skyport.server.scheduler.backfill import Reservation, reserve
 from skyport.server.scheduler.dependencies import Verdict, dependency_verdict
 from skyport.server.scheduler.elastic import class_prices, feasible_offers, flavor_aliases, room
+from skyport.server.scheduler.forwarding import split_forwarded
 from skyport.server.scheduler.priority import job_order
 from skyport.server.scheduler.resources import ClusterState, Groups, NodeClass, sorted_groups
 from skyport.server.scheduler.snapshot import (
@@ -69,13 +70,17 @@ RESERVATION_MESSAGE = (
 
 
 def plan(snapshot: Snapshot, now: datetime) -> Plan:
-    """Decide what happens to every pending job now. Pure: no I/O, no clock, no randomness."""
+    """Decide what happens to every pending job now. Pure: no I/O, no clock, no randomness.
+
+    Jobs for remotes that schedule themselves are forwarded first (:mod:`.forwarding`); the pass
+    decides the others."""
     check_algorithm(snapshot.policy)
+    forwarded, jobs = split_forwarded(snapshot)
     with _no_gc():
         state = ClusterState(snapshot.nodes, snapshot.running, snapshot.policy.default_walltime)
-    return run_pass(
+    decided = run_pass(
         state,
-        snapshot.jobs,
+        jobs,
         snapshot.flavors,
         snapshot.accounts,
         snapshot.dependency_states,
@@ -83,6 +88,10 @@ def plan(snapshot: Snapshot, now: datetime) -> Plan:
         now,
         undo=False,
     )
+    decided.forwards.extend(forwarded.forwards)
+    decided.rejections.extend(forwarded.rejections)
+    decided.waits.extend(forwarded.waits)
+    return decided
 
 
 def check_algorithm(policy: Policy) -> None:

@@ -129,6 +129,23 @@ class Policy:
 
 
 @dataclass(frozen=True)
+class SelfScheduling:
+    """A remote that schedules jobs itself (a Slurm cluster): its jobs are forwarded, not placed.
+
+    Its nodes are shown as Sky Port nodes (grouped by the provider's partitions) but are not in
+    :attr:`Snapshot.nodes`: no other job is placed on them, and forwarded jobs hold no capacity here.
+    """
+
+    remote_id: str
+    #: Partition name -> the ids of its nodes (a forwarded job's candidates; the provider picks).
+    partitions: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    #: The partition of jobs whose labels name none.
+    default_partition: str = ""
+    #: The job label naming a partition (e.g. ``slurm.partition``).
+    partition_label: str = "partition"
+
+
+@dataclass(frozen=True)
 class Snapshot:
     jobs: tuple[PendingJob, ...]
     nodes: tuple[NodeCapacity, ...]
@@ -139,6 +156,10 @@ class Snapshot:
     #: a dependency missing from here does not exist.
     dependency_states: Mapping[str, str] = field(default_factory=dict)
     policy: Policy = field(default_factory=Policy)
+    #: Remotes that schedule jobs themselves, by id (see :mod:`.forwarding`).
+    self_scheduling: Mapping[str, SelfScheduling] = field(default_factory=dict)
+    #: The remote of each dependency that has one (where it runs, or the remote it asked for).
+    dependency_remotes: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -146,6 +167,16 @@ class Placement:
     """Start the job now on these existing nodes."""
 
     job_id: str
+    node_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Forward:
+    """Hand the job to a self-scheduling remote now, on one of its partitions (it decides the rest)."""
+
+    job_id: str
+    remote_id: str
+    partition: str
     node_ids: tuple[str, ...]
 
 
@@ -186,3 +217,4 @@ class Plan:
     provisions: list[Provision] = field(default_factory=list)
     rejections: list[Rejection] = field(default_factory=list)
     waits: list[Wait] = field(default_factory=list)
+    forwards: list[Forward] = field(default_factory=list)
