@@ -5,16 +5,18 @@ One "host" is a network namespace on a bridge (like the integration tests), runn
 
 - staging: a job's input file (uploaded to the core beforehand) is placed in its working directory on the
   host — time from the job's ``staging_in`` event to ``running`` (core -> agent over mutual TLS, checksums
-  on both sides) — vs ``scp`` of the same file to the host;
-- tunnel: downloading a file from an HTTP server in a job through ``skyport port-forward`` (client ->
-  core -> agent -> job) vs through ``ssh -L`` to the same server.
+  on both sides) — vs ``scp`` of the same file to the host. Each copy is deleted after its run, ours and
+  scp's alike (a new file on a machine whose page cache is full of old ones costs more to write);
+- tunnel: downloading a file from an HTTP server in a job through ``skyport port-forward`` (the CLI in a
+  process of its own: client -> core -> agent -> job) vs through ``ssh -L`` to the same server.
 
-Needs root (namespaces, sshd). Run: ``.venv/bin/python bench/remote_transfer.py``
+The runs alternate (ours, theirs, ours, ...) and each side's best of ``REPEATS`` is reported. Needs root
+(namespaces, sshd). Run: ``.venv/bin/python bench/remote_transfer.py`` (``BENCH_MB=128`` for a quick one).
 """
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import json
 import os
 import socket
@@ -28,11 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.harness import print_result, print_table
 from tests.support.agent import AgentProcess
-from tests.support.core import CoreProcess, wait_for
+from tests.support.core import VENV_BIN, CoreProcess, wait_for
 from tests.support.hosts import HostNetwork
 from tests.support.sshd import ClientKey, SSHServer, free_port, write_known_hosts
 
-from skyport.client.ports import forward
 from skyport.models import JobState
 
 SIZE = int(os.environ.get("BENCH_MB", "512")) * 1024 * 1024
@@ -53,11 +54,14 @@ def _event_time(core: CoreProcess, job_id: str, reason: str) -> float:
     raise AssertionError(f"job {job_id} has no {reason!r} event")
 
 
-def _staging_s(core: CoreProcess, source: Path) -> float:
+def _staging_s(core: CoreProcess, agent: AgentProcess, source: Path) -> float:
+    """One staging of ``source`` into a job's working directory; the staged copy is deleted after."""
     c = core.client()
     job = c.submit(script=f"#!/bin/sh\n#SWM input-files {source.name}\ntrue\n", inputs=[source])
     wait_for(lambda: c.job(job.id).state.terminal, 300, "the staging job to end")
     assert c.job(job.id).state is JobState.COMPLETED, c.job(job.id).state_details
+    for staged in agent.workroot.glob(f"{job.id}.*/{source.name}"):
+        staged.unlink()  # as scp's copy is: each run writes a new file into recycled page cache
     return _event_time(core, job.id, "started") - _event_time(core, job.id, "staging_in")
 
 
@@ -65,13 +69,15 @@ def _ssh_base(key: ClientKey, known_hosts: Path) -> list[str]:
     return ["-i", str(key.path), "-o", f"UserKnownHostsFile={known_hosts}", "-o", "BatchMode=yes"]
 
 
-def _scp_s(key: ClientKey, known_hosts: Path, address: str, source: Path) -> float:
+def _scp_s(key: ClientKey, known_hosts: Path, address: str, source: Path, target: Path) -> float:
+    """One ``scp`` of ``source`` to ``target`` on the host (the same file system); deleted after."""
     started = time.perf_counter()
     subprocess.run(
-        ["scp", "-q", *_ssh_base(key, known_hosts), str(source), f"root@{address}:/tmp/skyport-bench-scp"],
-        check=True,
+        ["scp", "-q", *_ssh_base(key, known_hosts), str(source), f"root@{address}:{target}"], check=True
     )
-    return time.perf_counter() - started
+    elapsed = time.perf_counter() - started
+    target.unlink()
+    return elapsed
 
 
 def _download_s(port: int) -> float:
@@ -96,17 +102,22 @@ def _answers(port: int) -> bool:
         return False
 
 
-async def _tunnel_s(core: CoreProcess, job_id: str, port: int) -> float:
-    server = await forward(core.users["admin"].config, job_id, port)
-    local = server.sockets[0].getsockname()[1]
-    try:
-        for _ in range(100):  # until the job's server listens
-            if await asyncio.to_thread(_answers, local):
-                break
-            await asyncio.sleep(0.1)
-        return await asyncio.to_thread(_download_s, local)
-    finally:
-        server.close()
+def _port_forward(core: CoreProcess, job_id: str, port: int, local: int) -> subprocess.Popen[bytes]:
+    """``skyport port-forward`` (the CLI, a process of its own, as ``ssh -L`` is): local -> core ->
+    agent -> the job's port."""
+    config = core.users["admin"].config
+    env = {
+        **os.environ,
+        "SKYPORT_URL": core.url,
+        "SKYPORT_CERT": str(config.cert),
+        "SKYPORT_KEY": str(config.key),
+        "SKYPORT_CA": str(config.ca),
+    }
+    return subprocess.Popen(
+        [str(VENV_BIN / "skyport"), "port-forward", job_id, f"{port}:{local}"],
+        env=env,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def main() -> None:
@@ -134,8 +145,13 @@ def main() -> None:
             source = tmp / "blob"
             _make_file(source, SIZE)
 
-            ours = min(_staging_s(core, source) for _ in range(REPEATS))
-            scp = min(_scp_s(key, known_hosts, host.address, source) for _ in range(REPEATS))
+            # Side by side, alternating (so that a busy moment of the machine hits both alike).
+            scp_target = tmp / "scp-copy"
+            ours_runs, scp_runs = [], []
+            for _ in range(REPEATS):
+                ours_runs.append(_staging_s(core, agent, source))
+                scp_runs.append(_scp_s(key, known_hosts, host.address, source, scp_target))
+            ours, scp = min(ours_runs), min(scp_runs)
             rows.append(
                 (
                     "staging in",
@@ -159,24 +175,36 @@ def main() -> None:
                 60,
                 "the blob",
             )
-            tunnel = min(asyncio.run(_tunnel_s(core, job.id, port)) for _ in range(REPEATS))
-            local = free_port()
-            ssh = subprocess.Popen(
-                [
-                    "ssh",
-                    "-N",
-                    *_ssh_base(key, known_hosts),
-                    "-L",
-                    f"{local}:127.0.0.1:{port}",
-                    f"root@{host.address}",
-                ]
-            )
+            ours_local, ssh_local = free_port(), free_port()
+            forwarders = [
+                _port_forward(core, job.id, port, ours_local),
+                subprocess.Popen(
+                    [
+                        "ssh",
+                        "-N",
+                        *_ssh_base(key, known_hosts),
+                        "-L",
+                        f"{ssh_local}:127.0.0.1:{port}",
+                        f"root@{host.address}",
+                    ]
+                ),
+            ]
             try:
-                wait_for(lambda: _listening(local), 15, "ssh -L to listen")
-                ssh_l = min(_download_s(local) for _ in range(REPEATS))
+                for local in (ours_local, ssh_local):
+                    wait_for(
+                        functools.partial(_answers, local),
+                        60,
+                        "the forwarders and the job's server to answer",
+                    )
+                tunnel_runs, ssh_runs = [], []
+                for _ in range(REPEATS):
+                    tunnel_runs.append(_download_s(ours_local))
+                    ssh_runs.append(_download_s(ssh_local))
+                tunnel, ssh_l = min(tunnel_runs), min(ssh_runs)
             finally:
-                ssh.terminate()
-                ssh.wait(timeout=10)
+                for forwarder in forwarders:
+                    forwarder.terminate()
+                    forwarder.wait(timeout=10)
             rows.append(
                 (
                     "tunnel",
@@ -206,14 +234,6 @@ def main() -> None:
             "ratio": round(min(scp / ours, ssh_l / tunnel), 3),
         }
     )
-
-
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 if __name__ == "__main__":

@@ -87,6 +87,7 @@ class CoreProcess:
         }
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
+        self.port = 0
         self.log_path = home / "core.log"
         asyncio.run(init_home(Settings(home=home)))
         if host:
@@ -98,12 +99,15 @@ class CoreProcess:
         config = ClientConfig(url="", cert=bundle / "cert.pem", key=bundle / "key.pem", ca=bundle / "ca.pem")
         return User(name, config)
 
-    def start(self) -> None:
+    def start(self, *, same_port: bool = False) -> None:
+        """Start the core: on a port the OS picks, or (``same_port``, a restart) on the one it had, as a
+        real core restarts: what was given its URL (agents, VMs) finds it again."""
+        port = self.port if same_port and self.port else 0
         ready = self.home / "run" / "server.json"
         ready.unlink(missing_ok=True)
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child, closed with it
         self.proc = subprocess.Popen(
-            [str(VENV_BIN / "skyport"), "server", "--port", "0"],
+            [str(VENV_BIN / "skyport"), "server", "--port", str(port)],
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -116,7 +120,8 @@ class CoreProcess:
             return ready.exists()
 
         wait_for(_ready, STARTUP_TIMEOUT_S, "the core to listen")
-        self.url = json.loads(ready.read_text())["url"]
+        info = json.loads(ready.read_text())
+        self.url, self.port = info["url"], int(info["port"])
         for user in self.users.values():
             user.config = ClientConfig(
                 url=self.url, cert=user.config.cert, key=user.config.key, ca=user.config.ca

@@ -364,6 +364,28 @@ def test_backfill_a_short_job_uses_the_hole_before_the_heads_reservation() -> No
     assert waits(result)["long"].reason == "Reservation"
 
 
+def test_a_remote_may_use_its_own_algorithm_for_the_jobs_that_name_it() -> None:
+    # Two identical sites, each with a blocked head and a short job that fits before its reservation:
+    # the lab (fcfs) holds the short job back, the hpc site (the default, backfill) starts it.
+    nodes = [node("lab1", remote="lab"), node("hpc1", remote="hpc")]
+    run = [running("r-lab", "lab1", cpus=4, started=0), running("r-hpc", "hpc1", cpus=4, started=0)]
+    jobs = [
+        job("lab-big", 8, priority=1, remote_id="lab"),
+        job("lab-short", 4, walltime=HOUR // 2, remote_id="lab"),
+        job("hpc-big", 8, priority=1, remote_id="hpc"),
+        job("hpc-short", 4, walltime=HOUR // 2, remote_id="hpc"),
+    ]
+    policy = Policy(algorithm="backfill", remote_algorithms=(("lab", "fcfs"),))
+    result = plan(snapshot(jobs, nodes, run, policy=policy), NOW)
+    assert placed(result) == {"hpc-short": ("hpc1",)}
+    assert reasons(result) == {
+        "lab-big": "Resources",
+        "lab-short": "Priority",
+        "hpc-big": "Resources",
+        "hpc-short": "placed",
+    }
+
+
 def test_backfill_a_long_job_may_use_what_the_reservation_does_not_need() -> None:
     nodes = [node("n1", 8)]
     run = [running("r1", "n1", cpus=4, walltime=HOUR)]

@@ -30,6 +30,10 @@ class EnrolmentRefused(Exception):
     """The core refused to enrol or renew; the message says why and what to do."""
 
 
+class CoreUnreachable(EnrolmentRefused):
+    """The core did not answer (down, restarting, network): worth trying again."""
+
+
 @dataclass
 class NodeIdentity:
     state_dir: Path
@@ -102,7 +106,7 @@ class NodeIdentity:
         try:
             response = httpx.post(self.url.rstrip("/") + path, json=body, verify=context, timeout=30.0)
         except httpx.HTTPError as exc:
-            raise EnrolmentRefused(f"cannot reach the core at {self.url}: {exc}") from exc
+            raise CoreUnreachable(f"cannot reach the core at {self.url}: {exc}") from exc
         if response.status_code != 200:
             try:
                 detail = response.json().get("detail", response.text)

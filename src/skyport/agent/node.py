@@ -12,7 +12,6 @@ import asyncio
 import base64
 import contextlib
 import datetime as dt
-import hashlib
 import json
 import os
 import random
@@ -23,14 +22,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import httpx
 import structlog
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from skyport.agent import protocol
+from skyport.agent import protocol, transfer
 from skyport.agent.identity import NodeIdentity
-from skyport.gates.base import Exit, GateError, JobLaunch, StreamTunnel
+from skyport.client.ports import CHUNK, LocalConnection, splice_websocket
+from skyport.gates.base import Exit, GateError, JobLaunch
 from skyport.gates.local import LocalGate, machine_memory
 from skyport.models import JobSpec
 from skyport.server.settings import LocalGateSettings
@@ -42,7 +41,10 @@ RECONNECT_MIN_S = 0.2
 RECONNECT_MAX_S = 5.0
 #: An ended job's record is kept this long (so a core that restarts can still ask about it).
 KEEP_ENDED_S = 24 * 3600.0
-DOWNLOAD_CHUNK = 1024 * 1024
+#: Seconds without a byte before a transfer to or from the core fails.
+TRANSFER_TIMEOUT_S = 60.0
+#: The tunnel socket's write buffer (bytes) before a send waits: one message.
+TUNNEL_CHUNK = CHUNK
 
 
 @dataclass
@@ -98,6 +100,8 @@ class Agent:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._exit_ready = asyncio.Event()
         self._log_lock = asyncio.Lock()
+        #: Listeners of the running jobs' ``out`` ports, by job id.
+        self._out_servers: dict[str, list[asyncio.Server]] = {}
 
     # -- state ---------------------------------------------------------------------------------------
 
@@ -145,6 +149,7 @@ class Agent:
                 found = await self._gate.recover(self._launch(job.wire), job.handle)
                 if found.handle is not None:
                     job.handle = found.handle
+                    await self._open_out_ports(job.wire)
                     self._watch(job)
                 else:
                     ended = found.exit or Exit(None, None, "lost", "the job's process was not found")
@@ -213,10 +218,10 @@ class Agent:
                 self._ws = None
 
     def _hello(self) -> dict[str, Any]:
+        # Acknowledged ends too: a core that acknowledged one and died before recording it learns it here.
         jobs = [
-            {"job_id": job_id, "attempt": job.wire.attempt, "exit": job.exit}
+            {"job_id": job_id, "attempt": job.wire.attempt, "exit": job.exit, "acked": job.acked}
             for job_id, job in self._jobs.items()
-            if not job.acked
         ]
         node = {
             "hostname": socket.gethostname(),
@@ -283,7 +288,7 @@ class Agent:
             return
         try:
             result = await handler(message)
-        except (GateError, OSError, ValueError, KeyError, httpx.HTTPError) as exc:
+        except (GateError, OSError, ValueError, KeyError) as exc:
             await self._reply(message, error=str(exc) or type(exc).__name__)
             return
         await self._reply(message, result=result)
@@ -301,7 +306,12 @@ class Agent:
         if existing is not None and existing.wire.attempt == wire.attempt and existing.handle is not None:
             return {"pid": existing.handle["process"]["pid"]}  # a repeated launch: idempotent
         launch = self._launch(wire)
-        handle = await self._gate.launch(launch)
+        await self._open_out_ports(wire)  # before the start: a job may connect out at once
+        try:
+            handle = await self._gate.launch(launch)
+        except BaseException:
+            self._close_out_ports(wire.job_id)
+            raise
         job = _Job(wire=wire, handle=handle)
         self._jobs[wire.job_id] = job
         self._save()
@@ -319,6 +329,7 @@ class Agent:
     def _ended(self, job: _Job, exit: Exit) -> None:
         job.exit = protocol.exit_to_dict(exit.exit_code, exit.signal, exit.reason, exit.message)
         job.ended_at = asyncio.get_running_loop().time()
+        self._close_out_ports(job.wire.job_id)
         self._save()
         self._exit_ready.set()
 
@@ -326,17 +337,13 @@ class Agent:
         wire = protocol.WireJob.from_dict(message["job"])
         launch = self._launch(wire)
         digests: dict[str, str] = {}
-        async with httpx.AsyncClient(verify=self._identity.client_context(), timeout=60.0) as client:
-            for entry in message["files"]:
-                digests[str(entry["name"])] = await self._download(
-                    client, wire.job_id, entry, launch.inputs_dir
-                )
+        context = self._identity.client_context()
+        for entry in message["files"]:
+            digests[str(entry["name"])] = await self._download(context, wire.job_id, entry, launch.inputs_dir)
         await self._gate.stage_in(launch)
         return {"sha256": digests}
 
-    async def _download(
-        self, client: httpx.AsyncClient, job_id: str, entry: dict[str, Any], root: Path
-    ) -> str:
+    async def _download(self, context: ssl.SSLContext, job_id: str, entry: dict[str, Any], root: Path) -> str:
         """Fetch one input (via a .part file); returns its SHA-256, which the core checks against its own."""
         name = str(entry["name"])
         if name.startswith("/") or ".." in name.split("/"):
@@ -345,25 +352,14 @@ class Agent:
         await asyncio.to_thread(target.parent.mkdir, parents=True, exist_ok=True)
         part = target.with_name(f".{target.name}.part")
         url = self._config.url.rstrip("/") + protocol.INPUT_PATH.format(job_id=job_id, name=quote(name))
-        digest = hashlib.sha256()
-        size = 0
-        async with client.stream("GET", url) as response:
-            if response.status_code != 200:
-                await response.aread()
-                raise GateError(f"input {name}: the core answered {response.status_code}: {response.text}")
-            out = await asyncio.to_thread(open, part, "wb")
-            try:
-                async for chunk in response.aiter_bytes(DOWNLOAD_CHUNK):
-                    digest.update(chunk)
-                    await asyncio.to_thread(out.write, chunk)
-                    size += len(chunk)
-            finally:
-                await asyncio.to_thread(out.close)
+        size, digest = await asyncio.to_thread(
+            transfer.download, url, context, part, timeout=TRANSFER_TIMEOUT_S
+        )
         if size != int(entry["size"]):
             await asyncio.to_thread(part.unlink, missing_ok=True)
             raise GateError(f"input {name} arrived incomplete ({size} of {entry['size']} bytes)")
         await asyncio.to_thread(os.replace, part, target)
-        return digest.hexdigest()
+        return digest
 
     async def _on_stage_out(self, message: dict[str, Any]) -> dict[str, Any]:
         wire = protocol.WireJob.from_dict(message["job"])
@@ -372,25 +368,19 @@ class Agent:
             raise GateError("the agent does not know this job")
         launch = self._launch(wire)
         files = await self._gate.stage_out(launch, job.handle)
-        async with httpx.AsyncClient(verify=self._identity.client_context(), timeout=60.0) as client:
-            for name, _, sha in files:
-                await self._upload(client, wire.job_id, name, sha, launch.outputs_dir / name)
+        context = self._identity.client_context()
+        for name, _, sha in files:
+            path = protocol.OUTPUT_PATH.format(job_id=wire.job_id, name=quote(name))
+            url = self._config.url.rstrip("/") + path
+            await asyncio.to_thread(
+                transfer.upload,
+                url,
+                context,
+                launch.outputs_dir / name,
+                {protocol.SHA256_HEADER: sha},
+                timeout=TRANSFER_TIMEOUT_S,
+            )
         return {"files": [{"name": n, "size": s, "sha256": h} for n, s, h in files]}
-
-    async def _upload(self, client: httpx.AsyncClient, job_id: str, name: str, sha: str, path: Path) -> None:
-        url = self._config.url.rstrip("/") + protocol.OUTPUT_PATH.format(job_id=job_id, name=quote(name))
-
-        async def chunks() -> Any:
-            source = await asyncio.to_thread(open, path, "rb")
-            try:
-                while chunk := await asyncio.to_thread(source.read, DOWNLOAD_CHUNK):
-                    yield chunk
-            finally:
-                await asyncio.to_thread(source.close)
-
-        response = await client.put(url, content=chunks(), headers={protocol.SHA256_HEADER: sha})
-        if response.status_code != 200:
-            raise GateError(f"output {name}: the core answered {response.status_code}: {response.text}")
 
     async def _on_cancel(self, message: dict[str, Any]) -> None:
         job = self._jobs.get(str(message["job_id"]))
@@ -412,12 +402,90 @@ class Agent:
         if job is None or job.exit is not None:
             raise GateError("the job is not running on this node")
         port = int(message["port"])
-        local = await StreamTunnel.connect("127.0.0.1", port)
+        loop = asyncio.get_running_loop()
+        try:
+            _, local = await loop.create_connection(LocalConnection, "127.0.0.1", port)
+        except OSError as exc:
+            raise GateError(f"nothing answers on port {port} of the job's node ({exc.strerror})") from exc
         url = self._ws_url(protocol.TUNNEL_PATH.format(tunnel_id=message["tunnel_id"]))
-        ws = await connect(
-            url, ssl=self._identity.client_context(), max_size=None, open_timeout=15, compression=None
-        )
-        self._spawn(_splice_ws(ws, local))
+        try:
+            ws = await connect(
+                url,
+                ssl=self._identity.client_context(),
+                max_size=None,
+                open_timeout=15,
+                compression=None,
+                write_limit=TUNNEL_CHUNK,
+            )
+        except BaseException:
+            local.close()
+            raise
+        self._spawn(splice_websocket(ws, local))
+
+    # -- out ports -------------------------------------------------------------------------------------
+
+    async def _open_out_ports(self, wire: protocol.WireJob) -> None:
+        """Listen on ``127.0.0.1:<port>`` of this node for each ``out`` port of the job, while it runs.
+
+        Every connection the job makes there is carried over a WebSocket of its own to the core, which
+        connects it to the job's submission address (server/tunnels.py ``JobPorts.open_out``): a job on
+        a cloud node reaches, say, the JupyterHub API beside the core at ``localhost:8081`` as the
+        original Sky Port promised, and nothing listens on a public address. A port already taken on
+        the node (another job's, or on a node that shares the core's host, whatever listens there) is
+        logged and left alone: the job then reaches what is there.
+        """
+        ports = [p.port for p in JobSpec.model_validate(wire.spec).ports if p.direction == "out"]
+        if not ports or wire.job_id in self._out_servers:
+            return
+        loop = asyncio.get_running_loop()
+        servers: list[asyncio.Server] = []
+        for port in ports:
+
+            def accept(port: int = port) -> LocalConnection:
+                local = LocalConnection()
+                self._spawn(self._carry_out(wire.job_id, port, local))
+                return local
+
+            try:
+                servers.append(await loop.create_server(accept, "127.0.0.1", port))
+            except OSError as exc:
+                log.warning(
+                    "cannot listen for a job's out port", job_id=wire.job_id, port=port, error=str(exc)
+                )
+        self._out_servers[wire.job_id] = servers
+
+    def _close_out_ports(self, job_id: str) -> None:
+        for server in self._out_servers.pop(job_id, []):
+            server.close()
+
+    async def _carry_out(self, job_id: str, port: int, local: LocalConnection) -> None:
+        """One connection to an out port: a tunnel to the core, or closed at once with the reason logged."""
+        url = self._ws_url(protocol.OUT_PATH.format(job_id=job_id, port=port))
+        try:
+            ws = await connect(
+                url,
+                ssl=self._identity.client_context(),
+                max_size=None,
+                open_timeout=15,
+                compression=None,
+                write_limit=TUNNEL_CHUNK,
+            )
+        except (OSError, ssl.SSLError, TimeoutError, InvalidStatus) as exc:
+            local.close()
+            log.warning("out port: cannot reach the core", job_id=job_id, port=port, error=str(exc))
+            return
+        try:
+            first = await ws.recv()
+        except ConnectionClosed as exc:
+            local.close()
+            reason = exc.rcvd.reason if exc.rcvd else "closed"
+            log.warning("out port refused by the core", job_id=job_id, port=port, reason=reason)
+            return
+        if first != protocol.OUT_READY:
+            local.close()
+            await ws.close()
+            return
+        await splice_websocket(ws, local)
 
     # -- streaming to the core ---------------------------------------------------------------------
 
@@ -477,25 +545,3 @@ def _read(path: Path, offset: int, limit: int) -> bytes:
             return f.read(limit)
     except FileNotFoundError:
         return b""
-
-
-async def _splice_ws(ws: ClientConnection, local: StreamTunnel) -> None:
-    """Copy bytes between a tunnel WebSocket and a local TCP connection until either closes."""
-
-    async def up() -> None:
-        while (data := await local.receive_bytes()) is not None:
-            await ws.send(data)
-
-    async def down() -> None:
-        async for message in ws:
-            await local.send_bytes(message if isinstance(message, bytes) else message.encode())
-
-    tasks = [asyncio.create_task(up()), asyncio.create_task(down())]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await local.close()
-        await ws.close()

@@ -18,6 +18,11 @@ Core -> agent
   ``launch`` ``stage_in`` ``stage_out`` ``cancel`` ``status``   requests (with ``id``)
   ``ack_exit``   the core has recorded an attempt's end
   ``tunnel``     open a connection to a job's port and attach it to tunnel ``tunnel_id``
+
+Out ports (``#SWM ports 8081/tcp/out``) go the other way and need no control message: while a job runs,
+its agent listens on the node's ``127.0.0.1:<port>`` and opens, for each connection the job makes there,
+a WebSocket to :data:`OUT_PATH`; the core checks that the job runs on that agent's node and declared the
+port, connects to the job's submission address on that port and splices the two.
 """
 
 from __future__ import annotations
@@ -33,6 +38,10 @@ ENROL_PATH = "/agent/v1/enrol"
 RENEW_PATH = "/agent/v1/renew"
 CONNECT_PATH = "/agent/v1/connect"
 TUNNEL_PATH = "/agent/v1/tunnels/{tunnel_id}"
+#: An agent's tunnel for one connection a job made to one of its ``out`` ports.
+OUT_PATH = "/agent/v1/jobs/{job_id}/out/{port}"
+#: The core's first frame on an out tunnel that is connected (a refusal is a close with a reason).
+OUT_READY = "ready"
 INPUT_PATH = "/agent/v1/jobs/{job_id}/inputs/{name}"
 OUTPUT_PATH = "/agent/v1/jobs/{job_id}/outputs/{name}"
 #: Header carrying the SHA-256 (hex) of an uploaded output file, checked by the core as it streams.

@@ -7,10 +7,14 @@ with; ``skyport port-forward`` opens a local port that reaches a running job's p
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import os
 import sys
+import time
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -53,21 +57,29 @@ def agent(
     """
     import structlog
 
-    from skyport.agent.identity import EnrolmentRefused, NodeIdentity
+    from skyport.agent.identity import CoreUnreachable, EnrolmentRefused, NodeIdentity
     from skyport.agent.node import Agent, AgentConfig
     from skyport.server.settings import LocalGateSettings
 
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     state = state_dir.expanduser()
+    lock = _claim_state_dir(state)  # noqa: F841 - held (open and locked) for as long as the agent runs
     identity = NodeIdentity(state, url)
     if not identity.enrolled():
         if ca is None:
             fail("this node is not enrolled yet: give --ca (the core's CA certificate) and a bootstrap token")
         token = _read_token(token_file)
-        try:
-            node = identity.enrol(token, ca)
-        except EnrolmentRefused as exc:
-            fail(str(exc))
+        delay = 1.0
+        while True:  # a node may boot while its core restarts: keep trying until it answers
+            try:
+                node = identity.enrol(token, ca)
+                break
+            except CoreUnreachable as exc:
+                err_console.print(f"{exc}; trying again in {delay:.0f}s")
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
+            except EnrolmentRefused as exc:
+                fail(str(exc))
         err_console.print(
             f"[green]✓[/green] enrolled as node [bold]{node['node_name']}[/bold] of {node['remote']}"
         )
@@ -75,11 +87,51 @@ def agent(
     local = LocalGateSettings(workroot=workroot, default_user=default_user)
     runner = Agent(AgentConfig(url, state, local, cpus, mem, gpus, labels, heartbeat), identity)
     try:
-        asyncio.run(runner.run())
+        run_loop(runner.run())
     except KeyboardInterrupt:
         pass
     finally:
         runner.close()
+
+
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run ``main`` on uvloop when it is installed (it comes with uvicorn[standard]), else asyncio's loop.
+
+    The agent and ``port-forward`` move bulk bytes through TLS and WebSockets: uvloop's transports (TLS
+    included) are compiled code, where asyncio's run Python per read and write; the core runs on uvloop
+    too (uvicorn's choice).
+    """
+    from skyport.agent.memory import keep_freed_memory
+
+    keep_freed_memory()  # bulk bytes: freed buffers stay in the process (see skyport.agent.memory)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvicorn[standard] brings it on every platform we run on
+        asyncio.run(main)
+        return
+    uvloop.run(main)
+
+
+def _claim_state_dir(state: Path) -> int:
+    """Lock the state directory for this process and write ``agent.pid``; refuse if another agent has it.
+
+    Two agents on one state directory would share a key and a job list. The pid file is how the core
+    (agent mode of the ssh gate) finds a running agent; the lock (on ``agent.lock``, never removed)
+    is what makes it trustworthy. Returns the lock's descriptor, to be kept open.
+    """
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(state / "agent.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        pid_file = state / "agent.pid"
+        other = pid_file.read_text().strip() if pid_file.exists() else "?"
+        fail(f"another agent runs with the state directory {state} (pid {other})")
+    tmp = state / "agent.pid.new"
+    tmp.write_text(f"{os.getpid()}\n")
+    os.replace(tmp, state / "agent.pid")
+    return fd
 
 
 def _read_token(token_file: Path | None) -> str:
@@ -153,14 +205,33 @@ def port_forward(
             await server.serve_forever()
 
     try:
-        asyncio.run(serve())
+        run_loop(serve())
     except KeyboardInterrupt:
         pass
     except OSError as exc:
         fail(f"cannot listen on {address}:{local_port}: {exc.strerror}")
 
 
+def agent_pool(
+    directory: Annotated[Path, typer.Argument(help="Directory of node files (<name>.json) to run")],
+    idle_exit: Annotated[float, typer.Option(help="Exit after this many seconds without a node")] = 5.0,
+) -> None:
+    """Run several node agents in one process, one per node file in DIRECTORY (simulated clouds).
+
+    Each node has its own key, certificate, connection and jobs; removing its file stops it. Used by the
+    [bold]sim[/bold] cloud to run hundreds of VMs on one machine.
+    """
+    import structlog
+
+    from skyport.agent.pool import AgentPool
+
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(AgentPool(directory, idle_exit_s=idle_exit).run())
+
+
 def register(app: typer.Typer) -> None:
     app.command()(agent)
+    app.command("agent-pool")(agent_pool)
     app.command("port-forward")(port_forward)
     app.add_typer(node_app, name="node")

@@ -41,5 +41,6 @@ def remotes(json_out: JsonOpt = False) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    for command in (nodes, flavors, images, remotes):
+    # ``remotes`` is a group of its own (cli/remotes.py: the list, and ``check``), which calls ours.
+    for command in (nodes, flavors, images):
         app.command()(command)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from skyport.cli import agent, infra, jobs, render, simulate, tokens
+from skyport.cli import agent, gate, infra, jobs, remotes, render, simulate, tokens
 from skyport.cli.output import fail, print_json
 from skyport.server.settings import Settings
 
@@ -163,6 +164,29 @@ def accounts_list(json_out: JsonOpt = False) -> None:
     jobs.emit(found, json_out, render.accounts, "accounts")
 
 
+@app.command("costs")
+def costs(
+    account: Annotated[str | None, typer.Option(help="Only this account")] = None,
+    since: Annotated[
+        datetime | None, typer.Option(help="Only jobs that ended since then, e.g. 2026-11-01 (UTC)")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="Jobs to list, costliest first")] = 20,
+    json_out: JsonOpt = False,
+) -> None:
+    """What elastic capacity has cost: per account (with budget left) and the costliest jobs.
+
+    A job's cost is its flavor's price x node-hours from when its capacity was asked for (boot and
+    staging included) until it ended.
+
+    Example: [bold]skyport costs --account physics --since 2026-11-01[/bold]
+    """
+    if since is not None and since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)
+    with jobs.client() as c:
+        found = jobs.call(lambda: c.costs(account, since, limit))
+    jobs.emit(found, json_out, render.costs)
+
+
 @account_app.command("set")
 def account_set(
     name: Annotated[str, typer.Argument(help="Account name")],
@@ -199,6 +223,8 @@ agent.register(app)
 infra.register(app)
 simulate.register(app)
 tokens.register(app)
+gate.register(app)
+remotes.register(app)
 
 
 def main() -> None:

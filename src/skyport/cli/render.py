@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from rich.console import JustifyMethod, RenderableType
+from rich.console import Group, JustifyMethod, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from skyport.models import Account, ArrayJob, Event, Flavor, Image, Job, JobState, Node, Remote
+from skyport.models import Account, ArrayJob, Costs, Event, Flavor, Image, Job, JobState, Node, Remote
 
 STATE_STYLES: dict[str, str] = {
     JobState.QUEUED: "yellow",
@@ -377,3 +377,51 @@ def accounts(items: Sequence[Account]) -> Table:
         for a in items
     )
     return table(columns, rows)
+
+
+def costs(data: Costs) -> Group:
+    """Spend per account, then the costliest jobs."""
+    account_columns = [
+        Column("ACCOUNT", shrink=True),
+        Column("SPEND", justify="right"),
+        Column("IN PERIOD", justify="right"),
+        Column("BUDGET", justify="right"),
+        Column("LEFT", justify="right"),
+    ]
+    account_rows = (
+        [
+            a.account,
+            f"{a.spend:,.2f}",
+            f"{a.jobs_cost:,.2f}",
+            "-" if a.budget is None else f"{a.budget:,.2f}",
+            "-" if a.budget_left is None else f"{a.budget_left:,.2f}",
+        ]
+        for a in data.accounts
+    )
+    job_columns = [
+        Column("JOB", shrink=True),
+        Column("NAME", shrink=True),
+        Column("OWNER", shrink=True),
+        Column("ACCOUNT", shrink=True),
+        Column("REMOTE", shrink=True),
+        Column("FLAVOR", shrink=True),
+        Column("STATE"),
+        Column("COST", justify="right"),
+    ]
+    job_rows = (
+        [
+            j.id,
+            j.name or "-",
+            j.owner,
+            j.account,
+            j.remote or "-",
+            j.flavor or "-",
+            state(j.state),
+            f"{j.cost:,.4f}",
+        ]
+        for j in data.jobs
+    )
+    parts: list[RenderableType] = [table(account_columns, account_rows)]
+    if data.jobs:
+        parts.append(table(job_columns, job_rows))
+    return Group(*parts)

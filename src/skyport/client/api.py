@@ -11,6 +11,7 @@ import json
 import ssl
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,6 +23,7 @@ from skyport.jobscript import JobScriptError, parse_jobscript
 from skyport.models import (
     Account,
     ArrayJob,
+    Costs,
     Event,
     Flavor,
     Image,
@@ -282,6 +284,11 @@ class Client:
     def remotes(self) -> list[Remote]:
         return self._model(Page[Remote], _Call("GET", "/api/v1/remotes")).items
 
+    def check_remote(self, name: str) -> dict[str, Any]:
+        """Verify a cloud remote's credentials and permissions, creating nothing (admins)."""
+        result: dict[str, Any] = self._do(_Call("POST", f"/api/v1/remotes/{name}/check")).json()
+        return result
+
     def whoami(self) -> User:
         return self._model(User, _Call("GET", "/api/v1/whoami"))
 
@@ -323,6 +330,15 @@ class Client:
     def revoke_token(self, token_id: str) -> dict[str, Any]:
         result: dict[str, Any] = self._do(_Call("POST", f"/api/v1/tokens/{token_id}/revoke")).json()
         return result
+
+    def costs(self, account: str | None = None, since: datetime | None = None, limit: int = 100) -> Costs:
+        """Spend on elastic capacity per account, and the costliest jobs (yours; admins: everyone's)."""
+        params: dict[str, Any] = {"limit": limit}
+        if account is not None:
+            params["account"] = account
+        if since is not None:
+            params["since"] = since.isoformat()
+        return self._model(Costs, _Call("GET", "/api/v1/costs", params=params))
 
     def bootstrap_token(self, remote: str, node: str, ttl_s: int = 3600) -> dict[str, str]:
         """A one-time token that enrols agent ``node`` on ``remote`` (admins)."""
@@ -374,8 +390,10 @@ class AsyncClient:
         user: str | None = None,
         limit: int = 100,
         after: str | None = None,
+        array: str | None = None,
+        tasks: bool | None = None,
     ) -> Page[Job]:
-        params = _list_params(states, name, user, limit, after)
+        params = _list_params(states, name, user, limit, after, array, tasks)
         return await self._model(Page[Job], _Call("GET", "/api/v1/jobs", params=params))
 
     async def job(self, job_id: str) -> Job:
@@ -427,6 +445,11 @@ class AsyncClient:
 
     async def remotes(self) -> list[Remote]:
         return (await self._model(Page[Remote], _Call("GET", "/api/v1/remotes"))).items
+
+    async def check_remote(self, name: str) -> dict[str, Any]:
+        """Verify a cloud remote's credentials and permissions, creating nothing (admins)."""
+        result: dict[str, Any] = (await self._do(_Call("POST", f"/api/v1/remotes/{name}/check"))).json()
+        return result
 
     async def outputs(self, job_id: str) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = (await self._do(_Call("GET", f"/api/v1/jobs/{job_id}/outputs"))).json()

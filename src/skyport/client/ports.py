@@ -7,8 +7,10 @@ splices to the job's port through the job's gate (an agent's tunnel, or a local 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 from collections.abc import Callable
+from typing import cast
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -16,6 +18,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from skyport.client.api import ssl_context
 from skyport.client.config import ClientConfig
 
+#: Largest WebSocket message of a tunnel, and the bytes a local connection buffers before reading
+#: pauses: the size that cost the hops the least CPU per byte (bench/remote_transfer.py).
 CHUNK = 256 * 1024
 #: The core's first frame on a tunnel that opened (a refusal is a close with a reason instead).
 READY = "ready"
@@ -38,6 +42,7 @@ async def open_port(config: ClientConfig, job_id: str, port: int) -> ClientConne
             max_size=None,
             open_timeout=15,
             compression=None,
+            write_limit=CHUNK,
         )
     except InvalidStatus as exc:
         raise ConnectionError(f"the core refused the tunnel: HTTP {exc.response.status_code}") from exc
@@ -53,15 +58,99 @@ async def open_port(config: ClientConfig, job_id: str, port: int) -> ClientConne
     return ws
 
 
-async def _pump(ws: ClientConnection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+class LocalConnection(asyncio.Protocol):
+    """A local TCP connection as one end of a tunnel, without a stream buffer in between.
+
+    What the socket delivers is handed to :meth:`read` as the very ``bytes`` object that arrived (a
+    ``StreamReader`` would copy it into its buffer and out again, and move the rest down: a third of
+    the copying a tunnel hop did), and reading pauses while :data:`CHUNK` bytes wait to be sent on.
+    """
+
+    def __init__(self) -> None:
+        self._arrived: collections.deque[bytes] = collections.deque()
+        self._queued = 0
+        self._ended = False
+        self._paused = False
+        self._readable = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # a stream transport (uvloop's is no subclass)
+
+    def data_received(self, data: bytes) -> None:
+        self._arrived.append(data)
+        self._queued += len(data)
+        self._readable.set()
+        if self._queued >= CHUNK and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self._ended = True
+        self._readable.set()
+        return False  # close: a tunnel ends when either side does
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._ended = True
+        self._readable.set()
+        self._writable.set()
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    async def read(self) -> bytes | None:
+        """The next bytes that arrived (joined up to :data:`CHUNK`), or None once the peer closed."""
+        while not self._arrived:
+            if self._ended:
+                return None
+            self._readable.clear()
+            await self._readable.wait()
+        data = self._arrived.popleft()
+        if self._arrived and len(data) < CHUNK:  # many small pieces: one message, not many
+            pieces = [data]
+            size = len(data)
+            while self._arrived and size + len(self._arrived[0]) <= CHUNK:
+                piece = self._arrived.popleft()
+                pieces.append(piece)
+                size += len(piece)
+            data = b"".join(pieces)
+        self._queued -= len(data)
+        if self._paused and self._queued < CHUNK // 4 and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        return data
+
+    async def write(self, data: bytes) -> None:
+        if self.transport is None or self.transport.is_closing():
+            raise ConnectionResetError("the local connection closed")
+        self.transport.write(data)
+        await self._writable.wait()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+async def splice_websocket(ws: ClientConnection, local: LocalConnection) -> None:
+    """Copy bytes between a tunnel's WebSocket and a local TCP connection until either side closes.
+
+    Messages are at most :data:`CHUNK` bytes: every message costs every hop (client, core, agent) some
+    fixed work, and bigger ones than what the receivers' TLS layers hand over at once make each
+    receiver's frame buffer grow and copy (measured with bench/remote_transfer.py).
+    """
+
     async def up() -> None:
-        while data := await reader.read(CHUNK):
+        while (data := await local.read()) is not None:
             await ws.send(data)
 
     async def down() -> None:
         async for message in ws:
-            writer.write(message if isinstance(message, bytes) else message.encode())
-            await writer.drain()
+            await local.write(message if isinstance(message, bytes) else message.encode())
 
     tasks = [asyncio.create_task(up()), asyncio.create_task(down())]
     try:
@@ -70,7 +159,7 @@ async def _pump(ws: ClientConnection, reader: asyncio.StreamReader, writer: asyn
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        writer.close()
+        local.close()
         with contextlib.suppress(Exception):
             await ws.close()
 
@@ -87,14 +176,23 @@ async def forward(
 
     A connection the core refuses is closed at once and ``on_error`` gets the reason.
     """
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[None]] = set()
 
-    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def serve(local: LocalConnection) -> None:
         try:
             ws = await open_port(config, job_id, port)
         except (OSError, ConnectionClosed) as exc:  # ConnectionError is an OSError
-            writer.close()
+            local.close()
             on_error(str(exc))
             return
-        await _pump(ws, reader, writer)
+        await splice_websocket(ws, local)
 
-    return await asyncio.start_server(accept, host, local_port)
+    def accept() -> LocalConnection:
+        local = LocalConnection()
+        task = loop.create_task(serve(local))  # what arrives meanwhile waits (reading pauses if much)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        return local
+
+    return await loop.create_server(accept, host, local_port)

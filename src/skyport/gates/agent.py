@@ -38,6 +38,8 @@ log = structlog.get_logger(__name__)
 REQUEST_TIMEOUT_S = 30.0
 STAGING_TIMEOUT_S = 6 * 3600.0
 TUNNEL_OPEN_TIMEOUT_S = 15.0
+#: How long a launch waits for a node's agent to (re)connect before it fails.
+CONNECT_WAIT_S = 30.0
 
 
 class AgentLink(Protocol):
@@ -54,6 +56,8 @@ class _Session:
     node_name: str
     link: AgentLink
     pending: dict[int, asyncio.Future[Any]] = field(default_factory=dict)
+    #: The hello was answered: from now on requests may be sent.
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass
@@ -67,6 +71,8 @@ class _Attempt:
     stderr: Path
     on_exit: ExitCallback | None = None
     ended: bool = False
+    #: An end reported before anyone watched (a job quicker than its launch's reply): kept for watch().
+    exit: Exit | None = None
 
 
 class AgentHub:
@@ -91,7 +97,24 @@ class AgentHub:
     # -- sessions ------------------------------------------------------------------------------------
 
     def connected(self, node_id: str) -> bool:
-        return node_id in self._sessions
+        """The node's agent is connected and has been welcomed (it takes requests)."""
+        session = self._sessions.get(node_id)
+        return session is not None and session.ready.is_set()
+
+    async def wait_connected(self, node_id: str, timeout: float) -> bool:
+        """Wait (up to ``timeout``) for the node's agent to be connected and welcomed."""
+        deadline = self._monotonic() + timeout
+        while not self.connected(node_id):
+            left = deadline - self._monotonic()
+            if left <= 0:
+                return False
+            session = self._sessions.get(node_id)
+            if session is None:
+                await asyncio.sleep(min(0.1, left))  # no session to wait on yet: poll (bounded)
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(session.ready.wait(), left)
+        return True
 
     def silent_for(self, node_id: str) -> float:
         """Seconds since the node was last heard from (since this core started, if never)."""
@@ -182,6 +205,20 @@ class AgentHub:
             expected = self._attempts.get(job_id)
             if expected is not None and expected.node_id != session.node_id:
                 continue  # not this node's: ignored (and not killed: it may be another core's mistake)
+            if job.get("acked") and job.get("exit") is not None:
+                # Its logs and end were sent before; a core that died before recording the end needs it.
+                if expected is not None and expected.attempt == job["attempt"] and not expected.ended:
+                    raw = job["exit"]
+                    self._deliver(
+                        expected,
+                        Exit(
+                            raw.get("exit_code"),
+                            raw.get("signal"),
+                            str(raw["reason"]),
+                            str(raw.get("message", "")),
+                        ),
+                    )
+                continue
             if expected is None or expected.attempt != job["attempt"] or expected.ended:
                 if job.get("exit") is None:
                     kill[job_id] = 0.0  # running, but the core no longer wants it
@@ -202,6 +239,7 @@ class AgentHub:
                 "kill": [{"job_id": j, "grace_s": g} for j, g in kill.items()],
             }
         )
+        session.ready.set()
 
     async def _log(self, session: _Session, message: dict[str, Any]) -> None:
         attempt = self._owned(session, str(message["job_id"]), int(message["attempt"]))
@@ -230,6 +268,9 @@ class AgentHub:
             return
         attempt.ended = True
         self._pending_cancel.pop(attempt.job_id, None)
+        if attempt.on_exit is None:
+            attempt.exit = exit
+            return
         if self._attempts.get(attempt.job_id) is attempt:
             del self._attempts[attempt.job_id]
         if attempt.on_exit is not None:
@@ -268,6 +309,10 @@ class AgentHub:
         if attempt is None:
             return
         attempt.on_exit = on_exit
+        if attempt.exit is not None:  # it ended before this watch began
+            del self._attempts[job_id]
+            on_exit(job_id, attempt.exit)
+            return
         early = self._early_exits.pop(job_id, None)
         if early is not None and early[0] == attempt.node_id and early[1] == attempt.attempt:
             self._deliver(attempt, early[2])
@@ -334,6 +379,8 @@ class AgentGate:
     """Executor face of a remote whose nodes run ``skyport agent`` (static partition, enrolled nodes)."""
 
     kind = "agent"
+    #: A launch may wait for the node's agent to reconnect: the execution loop runs it off its pass.
+    launch_may_wait = True
 
     def __init__(self, remote_id: str, hub: AgentHub) -> None:
         self._remote_id = remote_id
@@ -385,6 +432,10 @@ class AgentGate:
 
     async def launch(self, job: JobLaunch) -> Handle:
         node_id = self._node_id(job)
+        if not await self._hub.wait_connected(node_id, CONNECT_WAIT_S):  # e.g. reconnecting after a restart
+            raise GateError(
+                f"node {job.node_names[0]}'s agent has not been connected for {CONNECT_WAIT_S:.0f}s"
+            )
         stdout, stderr = self._logs(job)
         await asyncio.to_thread(job.attempt_dir.mkdir, parents=True, exist_ok=True)
         self._hub.expect(job.job_id, job.attempt, node_id, stdout, stderr)
@@ -409,36 +460,16 @@ class AgentGate:
         self._hub.watch(job_id, on_exit)
 
     async def recover(self, job: JobLaunch, handle: Handle | None) -> Recovered:
+        """After a restart, without asking the agent (it says hello only once the core has recovered):
+        an attempt recorded as running is watched again (the agent's hello reports its end, or that it
+        does not know it: lost); one never recorded as started is launched again, which the agent
+        answers idempotently if it had started it."""
+        if handle is None:
+            return Recovered(handle=None, exit=None)
         node_id = self._node_id(job)
         stdout, stderr = self._logs(job)
         self._hub.expect(job.job_id, job.attempt, node_id, stdout, stderr)
-        if not self._hub.connected(node_id):
-            # The agent will say what became of it when it reconnects (or the node is declared lost).
-            rebuilt = handle or {
-                "job_id": job.job_id,
-                "node_id": node_id,
-                "node": job.node_names[0],
-                "attempt": job.attempt,
-            }
-            return Recovered(handle={**rebuilt, "stdout": str(stdout), "stderr": str(stderr)}, exit=None)
-        status = await self._hub.request(
-            node_id, "status", {"job_id": job.job_id, "attempt": job.attempt}, REQUEST_TIMEOUT_S
-        )
-        if status["state"] == "running":
-            rebuilt = handle or {
-                "job_id": job.job_id,
-                "node_id": node_id,
-                "node": job.node_names[0],
-                "attempt": job.attempt,
-            }
-            return Recovered(handle={**rebuilt, "stdout": str(stdout), "stderr": str(stderr)}, exit=None)
-        if status["state"] == "exited":
-            raw = status["exit"]
-            return Recovered(
-                handle=None, exit=Exit(raw["exit_code"], raw["signal"], raw["reason"], raw["message"])
-            )
-        self._hub.forget(job.job_id)
-        return Recovered(handle=None, exit=None)
+        return Recovered(handle={**handle, "stdout": str(stdout), "stderr": str(stderr)}, exit=None)
 
     async def cancel(self, handle: Handle, grace_s: float) -> None:
         job_id = handle.get("job_id") or ""

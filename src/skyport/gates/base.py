@@ -106,6 +106,51 @@ class ExecutorGate(Protocol):
         """A byte stream to ``port`` of the running attempt's (first) node (port forwarding)."""
 
 
+@dataclass(frozen=True)
+class Submitted:
+    """An attempt a self-scheduling gate handed to its provider: its handle and what to tell the user."""
+
+    handle: Handle
+    message: str  # e.g. "Submitted to Slurm as job 42"
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What a self-scheduling gate saw of an attempt before its end (reported on the loop)."""
+
+    started: bool  # the provider started it; False: it still waits there, ``message`` says why
+    message: str  # e.g. "Pending: Resources", "Running on n1, n2 (Slurm job 42)"
+    node_names: tuple[str, ...] = ()  # where it runs, once started
+
+
+ProgressCallback = Callable[[str, Progress], None]
+
+
+class SelfSchedulingGate(ExecutorGate, Protocol):
+    """A gate whose provider queues and places jobs itself (``slurm``): the core forwards jobs to it
+    unplaced, and the provider decides where and when they run.
+
+    Its attempts differ from other gates' in three ways. ``launch_many`` submits many at once (a gate
+    may group them, e.g. into one job array), answering one :class:`Submitted` or :class:`GateError` per
+    job, in order; the execution loop records a submitted attempt as ``scheduled`` with its handle, and
+    as ``running`` only when ``watch_progress``'s callback says the provider started it (other news, such
+    as why it waits, becomes the job's ``state_details``). The provider enforces walltimes itself. And an
+    attempt may end (e.g. canceled while pending) without ever having started.
+    """
+
+    self_scheduling: bool  # True
+
+    async def launch_many(self, jobs: list[JobLaunch]) -> list[Submitted | GateError]: ...
+
+    def watch_progress(self, callback: ProgressCallback) -> None:
+        """Call ``callback(job_id, progress)`` for each change seen in a watched attempt."""
+
+
+def self_scheduling(gate: ExecutorGate) -> SelfSchedulingGate | None:
+    """The gate as a :class:`SelfSchedulingGate`, or None for gates whose jobs the core places."""
+    return gate if getattr(gate, "self_scheduling", False) is True else None  # type: ignore[return-value]
+
+
 class TunnelLink(Protocol):
     """One end of a port-forwarding tunnel: bytes in, bytes out (an agent's socket, a TCP stream)."""
 

@@ -177,8 +177,11 @@ def select_outputs(patterns: Iterable[str], files: Iterable[str]) -> list[str]:
 # ------------------------------------------------------------------------------------------- connections
 
 
-class _Link:
-    """One SSH connection to one host as one login: opened on first use, reused, reopened when dropped."""
+class SSHLink:
+    """One SSH connection to one host as one login: opened on first use, reused, reopened when dropped.
+
+    Public: the agent mode (:mod:`skyport.gates.ssh_agent`) reaches its hosts the same way.
+    """
 
     def __init__(self, settings: SSHRemoteSettings, host: SSHHost, login: str) -> None:
         self._settings = settings
@@ -362,7 +365,7 @@ class SSHGate:
             )
         self._settings = settings
         self._hosts = {h.name or h.host: h for h in settings.hosts}
-        self._links: dict[tuple[str, str], _Link] = {}
+        self._links: dict[tuple[str, str], SSHLink] = {}
         self._capacity: dict[str, tuple[int, int]] = {}
         #: node name -> why it is down (could not be reached at start)
         self.problems: dict[str, str] = {}
@@ -434,27 +437,27 @@ class SSHGate:
 
     # -- where things are ----------------------------------------------------------------------------
 
-    def _link(self, node: str, login: str) -> _Link:
+    def _link(self, node: str, login: str) -> SSHLink:
         host = self._hosts.get(node)
         if host is None:
             raise GateError(f"remote {self._settings.name} has no host named {node!r}")
         link = self._links.get((node, login))
         if link is None:
-            link = self._links[(node, login)] = _Link(self._settings, host, login)
+            link = self._links[(node, login)] = SSHLink(self._settings, host, login)
         return link
 
     def _login(self, owner: str) -> str:
         return self._settings.user_map.get(owner, self._settings.user)
 
-    def _job_link(self, job: JobLaunch) -> _Link:
+    def _job_link(self, job: JobLaunch) -> SSHLink:
         if not job.node_names:
             raise GateError(f"job {job.job_id} was placed on no node")
         return self._link(job.node_names[0], self._login(job.owner))
 
-    def _handle_link(self, handle: Handle) -> _Link:
+    def _handle_link(self, handle: Handle) -> SSHLink:
         return self._link(str(handle["node"]), str(handle["login"]))
 
-    def _handle(self, job: JobLaunch, link: _Link) -> Handle:
+    def _handle(self, job: JobLaunch, link: SSHLink) -> Handle:
         """Where everything of this attempt is, on the host and here (deterministic: recover rebuilds it)."""
         workroot = _join(link.home, self._settings.workroot.removeprefix("~/"))
         name = f"{job.job_id}.{job.attempt}"
@@ -716,7 +719,7 @@ class SSHGate:
             groups.setdefault((str(w.handle["node"]), str(w.handle["login"])), []).append(w)
         await asyncio.gather(*(self._poll_link(self._link(*key), ws) for key, ws in groups.items()))
 
-    async def _poll_link(self, link: _Link, watches: list[_Watch]) -> None:
+    async def _poll_link(self, link: SSHLink, watches: list[_Watch]) -> None:
         now = asyncio.get_running_loop().time()
         if link.retry_at > now:
             return
@@ -764,7 +767,7 @@ class SSHGate:
                 self._pending_cancels.pop(str(w.handle["control_dir"]), None)
                 w.on_exit(w.job_id, exit)
 
-    async def _fetch_logs(self, link: _Link, w: _Watch, *, final: bool) -> None:
+    async def _fetch_logs(self, link: SSHLink, w: _Watch, *, final: bool) -> None:
         """Append what the job's stdout/stderr on the host gained to the local copies."""
         sftp = await link.sftp()
         for stream in ("stdout", "stderr"):

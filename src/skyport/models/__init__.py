@@ -17,17 +17,20 @@ from skyport.models.job import (
     Page,
     PortSpec,
 )
-from skyport.models.user import Account, User
+from skyport.models.user import Account, AccountCost, Costs, JobCost, User
 
 __all__ = [
     "TERMINAL_STATES",
     "Account",
+    "AccountCost",
     "ArrayJob",
+    "Costs",
     "Event",
     "Flavor",
     "Image",
     "InputSpec",
     "Job",
+    "JobCost",
     "JobSpec",
     "JobState",
     "Node",

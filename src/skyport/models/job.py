@@ -347,6 +347,8 @@ class Job(BaseModel):
     array_index: int | None = None
     #: While queued: when the scheduler expects it to start, if it can tell.
     estimated_start: datetime | None = None
+    #: What its elastic capacity cost (flavor price x node-hours, boot and staging included); 0 elsewhere.
+    cost: float = 0.0
     spec: JobSpec
 
     @property

@@ -32,4 +32,32 @@ class Account(BaseModel):
     share: float = 1.0
     usage: float = 0.0
     budget: float | None = None
+    #: What its jobs' elastic capacity has cost so far (flavor price x node-hours).
+    spend: float = 0.0
     members: list[str] = Field(default_factory=list)
+
+
+class AccountCost(BaseModel):
+    """An account's spend on elastic capacity: in total, and by its jobs that ended in the period asked."""
+
+    account: str
+    spend: float
+    budget: float | None = None
+    budget_left: float | None = None
+    jobs_cost: float = 0.0
+
+
+class JobCost(BaseModel):
+    id: str
+    name: str
+    owner: str
+    account: str
+    remote: str = ""
+    flavor: str = ""
+    state: str
+    cost: float
+
+
+class Costs(BaseModel):
+    accounts: list[AccountCost]
+    jobs: list[JobCost]

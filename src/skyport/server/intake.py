@@ -22,7 +22,7 @@ from skyport.models.job import parse_array
 from skyport.server.clock import Clock
 from skyport.server.ids import IdSource
 from skyport.server.metrics import Metrics
-from skyport.server.settings import Settings
+from skyport.server.settings import LocalGateSettings, RemoteSettingsBase, Settings
 from skyport.server.spool import Spool
 from skyport.server.staging import StagingError, check_spec
 from skyport.server.store import infra as infra_store
@@ -239,11 +239,18 @@ class Intake:
             raise SubmissionError(f"the job depends on unknown job(s): {', '.join(unknown)}")
 
     def _walltime(self, spec: JobSpec) -> int | None:
-        local = self._settings.local
-        walltime = spec.walltime or local.default_walltime
-        if walltime is not None and local.max_walltime is not None and walltime > local.max_walltime:
+        """The job's walltime: its own, else the default of the remote it names (or of ``local``); never
+        over that remote's maximum."""
+        limits: LocalGateSettings | RemoteSettingsBase = self._settings.local
+        where = "on this core"
+        if spec.remote is not None:
+            named = next((r for r in self._settings.remotes if r.name == spec.remote), None)
+            if named is not None:
+                limits, where = named, f"on remote {named.name}"
+        walltime = spec.walltime or limits.default_walltime
+        if walltime is not None and limits.max_walltime is not None and walltime > limits.max_walltime:
             raise SubmissionError(
-                f"walltime {walltime}s is over the maximum of {local.max_walltime}s on this core"
+                f"walltime {walltime}s is over the maximum of {limits.max_walltime}s {where}"
             )
         return walltime
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import structlog
+from cryptography import x509
 from sqlalchemy import Connection
 
 from skyport.gates.agent import AgentHub
@@ -81,11 +82,15 @@ class NodeEnrolment:
         return BootstrapToken(secret, remote_name, node_name, now + ttl)
 
     async def enrol(self, token: str, csr_pem: str, host: str, ip: str) -> NodeCertificate:
-        now = self._clock.now()
-        granted = await self._store.write(enrol_store.redeem_bootstrap_token, token, now)
+        try:  # a bad request must not use the token up
+            csr = x509.load_pem_x509_csr(csr_pem.encode())
+        except ValueError as exc:
+            raise EnrolmentError(400, f"the certificate request is not valid: {exc}") from None
+        if not csr.is_signature_valid:
+            raise EnrolmentError(400, "the certificate request's signature does not verify")
+        granted = await self._store.write(_redeem_and_register, token, host, ip, self._clock.now())
         if isinstance(granted, str):
             raise EnrolmentError(401, granted)
-        await self._store.write(_register, granted, host, ip, now)
         log.info("node enrolled", node=granted.node_name, remote=granted.remote_name)
         return await self._issue(granted, csr_pem)
 
@@ -143,6 +148,16 @@ def _create_token(conn: Connection, remote_id: str, node_name: str, ttl: timedel
         ttl=ttl,
         now=now,
     )
+
+
+def _redeem_and_register(
+    conn: Connection, token: str, host: str, ip: str, now: datetime
+) -> enrol_store.Enrolment | str:
+    """Use the token up and record the node, in one transaction."""
+    granted = enrol_store.redeem_bootstrap_token(conn, token, now)
+    if not isinstance(granted, str):
+        _register(conn, granted, host, ip, now)
+    return granted
 
 
 def _register(conn: Connection, granted: enrol_store.Enrolment, host: str, ip: str, now: datetime) -> None:

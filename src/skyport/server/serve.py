@@ -10,12 +10,15 @@ import json
 import os
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import uvicorn
 
+from skyport.agent.memory import keep_freed_memory
 from skyport.server.app import create_app
+from skyport.server.core import Core
 from skyport.server.logs import configure_logging
 from skyport.server.settings import Settings
 from skyport.server.tls import make_uvicorn_config
@@ -29,10 +32,20 @@ def ready_file(settings: Settings) -> Path:
     return settings.home / "run" / "server.json"
 
 
+def listening_url(host: str, port: int) -> str:
+    """The URL other machines (agents started over SSH) reach a core listening on ``host:port`` at."""
+    if host in {"0.0.0.0", "::", ""}:
+        host = socket.getfqdn()
+    return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+
+
 class _Server(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, settings: Settings) -> None:
+    def __init__(
+        self, config: uvicorn.Config, settings: Settings, on_listening: Callable[[str], None]
+    ) -> None:
         super().__init__(config)
         self._settings = settings
+        self._on_listening = on_listening
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
@@ -43,6 +56,7 @@ class _Server(uvicorn.Server):
             for sock in server.sockets:
                 port = sock.getsockname()[1]
         host = self._settings.host
+        self._on_listening(listening_url(host, port))  # the bound port is known only now
         url_host = "localhost" if host in {"0.0.0.0", "127.0.0.1", "::", "localhost"} else host
         path = ready_file(self._settings)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,6 +88,7 @@ GIL_SWITCH_INTERVAL_S = 0.001
 def serve(settings: Settings, **uvicorn_options: Any) -> None:
     check_ready_to_serve(settings)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    keep_freed_memory()  # staging and tunnels: freed buffers stay in the process (skyport.agent.memory)
     configure_logging(settings.log_level, json=settings.log_json)
     app = create_app(settings)
     config = make_uvicorn_config(
@@ -89,4 +104,9 @@ def serve(settings: Settings, **uvicorn_options: Any) -> None:
         timeout_graceful_shutdown=5,
         **uvicorn_options,
     )
-    _Server(config, settings).run()
+    core: Core = app.state.core
+
+    def on_listening(url: str) -> None:
+        core.listening_url = url
+
+    _Server(config, settings, on_listening).run()

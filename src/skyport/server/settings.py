@@ -85,6 +85,8 @@ class SchedulerSettings(BaseModel):
     """How queued jobs are ordered and placed (DESIGN §6)."""
 
     algorithm: Literal["fcfs", "backfill", "fairshare"] = "backfill"
+    #: Remotes (by name) whose jobs are planned with another algorithm, e.g. ``{ lab = "fcfs" }``.
+    remote_algorithms: dict[str, Literal["fcfs", "backfill", "fairshare"]] = Field(default_factory=dict)
     weight_priority: float = 1.0
     weight_fairshare: float = 1000.0
     weight_age: float = Field(default=1.0, description="per hour waited")
@@ -144,11 +146,82 @@ class SSHRemoteSettings(RemoteSettingsBase):
     known_hosts: Path
     #: Where per-job working directories are made on the hosts (relative: to the login's home).
     workroot: str = ".skyport/work"
-    #: The agent command on the host (agent mode).
+    #: The agent command on the host (agent mode): shell words, the first one found on the login's PATH.
     agent_command: str = "skyport agent"
+    #: Agent mode: extra options of the agent (e.g. ``["--default-user", "nobody"]`` for a root login).
+    agent_options: list[str] = Field(default_factory=list)
+    #: Agent mode: the agent's state directory on the host (its key, certificate, pid file, log;
+    #: relative: to the login's home; ``{node}`` is the node's name, for hosts that share a home).
+    agent_state_dir: str = ".skyport/agent/{node}"
+    #: Agent mode: if ``agent_command`` is not found on a host, ``pip install`` this requirement (e.g.
+    #: ``skyport-wm==0.4`` or a wheel's URL) into a virtualenv in the state directory and run its agent.
+    #: None: a missing command is an error that says so.
+    agent_install: str | None = None
+    #: Agent mode: a node not heard from for this long is marked down and its jobs failed.
+    heartbeat_timeout_s: float = Field(default=30.0, gt=0)
     connect_timeout_s: float = Field(default=15.0, gt=0)
     #: Direct mode: seconds between status passes (one command per host per pass; logs fetched then).
     poll_interval_s: float = Field(default=1.0, gt=0)
+
+
+class SlurmUser(BaseModel):
+    """One Sky Port user's own identity on a Slurm cluster (never shared with another user)."""
+
+    model_config = {"extra": "forbid"}
+
+    #: The cluster account (Unix login) the user's jobs run as.
+    login: str
+    #: ``ssh`` submission: this user's private key for the login node (default: ``key_dir/<login>``).
+    key_file: Path | None = None
+    #: ``rest`` submission: a file holding this user's JWT (default: minted with ``jwt_key_file``).
+    token_file: Path | None = None
+
+
+class SlurmRemoteSettings(RemoteSettingsBase):
+    """A Slurm cluster that schedules Sky Port's jobs itself (gates/slurm.py).
+
+    ``submit``: how jobs reach it: ``commands`` runs ``sbatch``/``squeue``/``scancel`` here (as the
+    user's login, when the core is root) or, with ``host`` set, on that login node over SSH (nothing of
+    ours installed there); ``rest`` talks to ``slurmrestd`` at ``rest_url`` with the user's JWT. Files
+    (inputs, outputs, logs) move over SFTP to ``host`` when it is set, else the cluster's file system is
+    this machine's (``workroot`` must be visible to the compute nodes, as on a login node).
+    """
+
+    kind: Literal["slurm"] = "slurm"
+    submit: Literal["commands", "rest"] = "commands"
+    #: Sky Port user -> their cluster identity. Users not listed use the login of their own name when
+    #: ``same_name_logins`` is set; otherwise their jobs are refused (there is no shared account).
+    users: dict[str, SlurmUser] = Field(default_factory=dict)
+    same_name_logins: bool = True
+    #: Login node for ``commands`` over SSH and for file transfer (host keys checked in known_hosts).
+    host: SSHHost | None = None
+    known_hosts: Path | None = None
+    #: ``ssh``: where per-user keys are, as ``<key_dir>/<login>`` (unless a user names its key_file).
+    key_dir: Path | None = None
+    connect_timeout_s: float = Field(default=15.0, gt=0)
+    #: ``rest``: slurmrestd's address, the OpenAPI version (``auto``: the newest it serves), and the
+    #: cluster's JWT key (HS256) to mint short-lived per-user tokens (users may give token files instead).
+    rest_url: str | None = None
+    rest_version: str = "auto"
+    jwt_key_file: Path | None = None
+    jwt_lifespan_s: int = Field(default=3600, ge=60)
+    #: ``commands`` run here: extra environment (e.g. ``SLURM_CONF``) and the directory of the commands.
+    env: dict[str, str] = Field(default_factory=dict)
+    bin_dir: str = ""
+    #: Defaults for jobs that do not say (``#SWM label slurm.partition=...`` etc. override them).
+    partition: str | None = None
+    qos: str | None = None
+    #: The Slurm account charged: per Sky Port account, else ``account``.
+    account: str | None = None
+    account_map: dict[str, str] = Field(default_factory=dict)
+    #: Working directories on the cluster (relative: to the login's home; ``{login}`` is replaced).
+    workroot: str = ".skyport/slurm"
+    #: Seconds between status passes (one query for all tracked jobs per pass).
+    poll_interval_s: float = Field(default=2.0, gt=0)
+    #: Up to this many independent jobs of one user and shape are submitted as one Slurm job array.
+    pack_limit: int = Field(default=1000, ge=1)
+    #: Status format: ``auto`` (``--json`` where it honours ``--jobs``: 23.02+), ``json`` or ``text``.
+    status_format: Literal["auto", "json", "text"] = "auto"
 
 
 class CloudRemoteSettings(RemoteSettingsBase):
@@ -156,6 +229,8 @@ class CloudRemoteSettings(RemoteSettingsBase):
 
     Each provider kind subclasses it with its own ``kind`` literal and provider settings.
     """
+
+    kind: str
 
     #: Partitions being created at once on this remote (the provider's own limits permitting).
     max_creating: int = Field(default=100, ge=1)
@@ -198,10 +273,109 @@ class HTTPRemoteSettings(CloudRemoteSettings):
     cert_file: Path | None = None
     key_file: Path | None = None
     timeout_s: float = Field(default=30.0, gt=0)
+    #: What a partition the gate reports without a status is. The original ``swmcloudgate`` in its
+    #: mocked mode reports none for the partitions it creates: ``ready`` lets a core use it.
+    missing_status: Literal["creating", "ready"] = "creating"
+
+
+class ProviderRemoteSettings(CloudRemoteSettings):
+    """What the public-cloud kinds share (gates/aws.py, openstack.py, azure.py): prices, exposure, bootstrap.
+
+    Never a credential here: each kind reads its ecosystem's standard places (AWS profiles and
+    environment, ``clouds.yaml``, Azure identity), on the core's host only.
+    """
+
+    #: Operator price table: flavor id -> price per node-hour; it overrides the provider's price API.
+    prices: dict[str, float] = Field(default_factory=dict)
+    #: Price of a flavor that neither the price API nor ``prices`` prices; None: such flavors are not
+    #: offered (a price of 0 would make the scheduler prefer them).
+    default_price: float | None = Field(default=None, ge=0)
+    #: Only these flavors are offered (ids); empty: every flavor with a price.
+    flavors: list[str] = Field(default_factory=list)
+    #: Images offered (ids, names or, on Azure, URNs); ``default_image`` is offered too.
+    images: list[str] = Field(default_factory=list)
+    #: Cached prices and catalogs older than this are refreshed in the background (never on a request).
+    price_cache_max_age_s: float = Field(default=86400.0, gt=0)
+    catalog_max_age_s: float = Field(default=600.0, gt=0)
+    #: Deadline of one provider call (below the provisioning loop's own).
+    call_timeout_s: float = Field(default=50.0, gt=0)
+    #: Provider calls running at once (each in a worker thread, off the event loop).
+    threads: int = Field(default=16, ge=1)
+    #: Open the job's declared ``in`` ports on its nodes to ``expose_cidrs``. Off: no inbound port at all
+    #: (the agent connects out; port forwarding goes through it).
+    expose_ports: bool = False
+    expose_cidrs: list[str] = Field(default_factory=lambda: ["0.0.0.0/0"])
+    #: Let a partition's nodes reach each other on every port (multi-node MPI jobs).
+    internal_traffic: bool = False
+    #: Boot: a pip requirement installed into /opt/skyport when the image has no ``skyport`` command
+    #: (e.g. a wheel's URL); None: the image must have it.
+    agent_install: str | None = None
+    #: Boot: the Unix account (made by cloud-init) that jobs run as; the agent itself runs as root.
+    job_user: str = "skyport"
+
+
+class AWSRemoteSettings(ProviderRemoteSettings):
+    """EC2 (gates/aws.py). Credentials: the AWS chain of the core (environment, ``~/.aws``, SSO, role)."""
+
+    kind: Literal["aws"] = "aws"
+    region: str
+    #: A profile of ``~/.aws/config`` / ``~/.aws/credentials``; None: the default chain.
+    profile: str | None = None
+    #: Another EC2 endpoint (a VPC endpoint; moto in tests); None: AWS's.
+    endpoint_url: str | None = None
+    #: The subnet nodes go in; None: the default subnet of the region's default VPC.
+    subnet_id: str | None = None
+    public_ip: bool = True
+    #: Prices from the AWS Price List API (cached in the home), besides ``prices``.
+    pricing: bool = True
+    #: Spot capacity: never; when the job allows it (label ``preemptible=true``); always.
+    spot: Literal["never", "when_allowed", "always"] = "when_allowed"
+    #: Root volume size (GiB); None: the image's.
+    root_volume_gb: int | None = Field(default=None, ge=1)
+
+
+class OpenStackRemoteSettings(ProviderRemoteSettings):
+    """An OpenStack cloud (gates/openstack.py). Credentials: the ``clouds.yaml`` entry ``cloud``
+    (``./``, ``~/.config/openstack/``, ``/etc/openstack/``) or ``OS_*`` variables. Prices: ``prices``."""
+
+    kind: Literal["openstack"] = "openstack"
+    cloud: str
+    region: str | None = None
+    #: The network (name or id) nodes are attached to; None: the project's only network.
+    network: str | None = None
+
+
+class AzureRemoteSettings(ProviderRemoteSettings):
+    """Azure (gates/azure.py). Credentials: Azure identity (``credential``: environment, workload or
+    managed identity, Azure CLI login), never a secret here."""
+
+    kind: Literal["azure"] = "azure"
+    subscription_id: str
+    #: An existing resource group the remote works in (its role can be scoped to it).
+    resource_group: str
+    location: str
+    #: The resource id of an existing subnet the nodes' interfaces go in.
+    subnet_id: str
+    credential: Literal["default", "environment", "workload_identity", "managed_identity", "cli"] = "default"
+    managed_identity_client_id: str | None = None
+    public_ip: bool = True
+    #: Prices from the public Azure retail prices API (cached in the home), besides ``prices``.
+    retail_prices: bool = True
+    #: Spot capacity: never; when the job allows it (label ``preemptible=true``); always.
+    spot: Literal["never", "when_allowed", "always"] = "when_allowed"
+    #: Another Azure cloud's resource manager (sovereign clouds).
+    resource_manager_url: str = "https://management.azure.com"
 
 
 RemoteSettings = Annotated[
-    AgentRemoteSettings | SSHRemoteSettings | SimRemoteSettings | HTTPRemoteSettings,
+    AgentRemoteSettings
+    | SSHRemoteSettings
+    | SlurmRemoteSettings
+    | SimRemoteSettings
+    | HTTPRemoteSettings
+    | AWSRemoteSettings
+    | OpenStackRemoteSettings
+    | AzureRemoteSettings,
     Field(discriminator="kind"),
 ]
 

@@ -141,6 +141,10 @@ class PortListeners:
             await self.close(job_id)
 
 
+#: Where a job's ``out`` ports lead when it names no ``submission-address``: the core's own host.
+DEFAULT_SUBMISSION_ADDRESS = "127.0.0.1"
+
+
 class PortError(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
@@ -174,3 +178,29 @@ class JobPorts:
             return await gate.open_port(row.handle, port)
         except GateError as exc:
             raise PortError(502, str(exc)) from None
+
+    async def open_out(self, job_id: str, port: int) -> TunnelLink:
+        """A connection from a job on a remote node to its submission address's ``port`` (an ``out`` port).
+
+        The job's agent listens on the node's ``127.0.0.1:<port>`` while the job runs and asks for one
+        of these per connection the job makes there (the caller has checked that the job is placed on
+        that agent's node). The far end is ``#SWM submission-address``, or the core's own host when the
+        job names none: a terminal beside the core (a JupyterHub whose API listens on loopback) is reached
+        without any listener on a public address. Jobs of the local gate run on the core's host and reach
+        ``localhost:<port>`` directly, without a tunnel.
+        """
+        job = await self._store.read(job_store.get_job, job_id)
+        if job is None:
+            raise PortError(404, f"no job {job_id}")
+        declared = {p.port for p in job.spec.ports if p.direction == "out"}
+        if port not in declared:
+            raise PortError(403, f"port {port} is not an 'out' port of the job (#SWM ports {port}/tcp/out)")
+        if job.state is not JobState.RUNNING:
+            raise PortError(409, f"the job is {job.state.value}: its out ports work while it runs")
+        address = job.spec.submission_address or DEFAULT_SUBMISSION_ADDRESS
+        try:
+            return await StreamTunnel.connect(address, port)
+        except GateError:
+            raise PortError(
+                502, f"nothing answers on {address}:{port} (the job's submission address)"
+            ) from None

@@ -34,12 +34,19 @@ from skyport.server.auth import (
 from skyport.server.core import Core
 from skyport.server.nodes import EnrolmentError
 from skyport.server.store import enrolment as enrol_store
-from skyport.server.tunnels import WebSocketTunnel
+from skyport.server.tunnels import PortError, WebSocketTunnel, splice
 
 log = structlog.get_logger(__name__)
 router = APIRouter(tags=["agent"])
 
 UPLOAD_CHUNK = 1024 * 1024
+
+
+class _InputFile(FileResponse):
+    """An input file for an agent, sent in 1 MiB pieces: Starlette's 64 KiB default costs a thread hop
+    and a TLS write per 64 KiB, which made the core's loop the busier end of a transfer."""
+
+    chunk_size = 1024 * 1024
 
 
 class EnrolRequest(BaseModel):
@@ -125,7 +132,7 @@ async def get_input(
     path = _inside(core.spool.inputs(row.array_id or row.id), name)
     if not path.is_file():
         raise HTTPException(404, f"the job has no input file {name!r}")
-    return FileResponse(path, media_type="application/octet-stream")
+    return _InputFile(path, media_type="application/octet-stream")
 
 
 @router.put(protocol.OUTPUT_PATH.replace("{name}", "{name:path}"), summary="Return an output file of a job")
@@ -161,15 +168,23 @@ async def _receive_file(chunks: AsyncIterator[bytes], target: Path) -> tuple[int
             size += len(chunk)
             buffer += chunk
             if len(buffer) >= UPLOAD_CHUNK:
-                await asyncio.to_thread(os.write, fd, bytes(buffer))
+                await asyncio.to_thread(_write_all, fd, buffer)  # not touched until written
                 buffer.clear()
         if buffer:
-            await asyncio.to_thread(os.write, fd, bytes(buffer))
+            await asyncio.to_thread(_write_all, fd, buffer)
     finally:
         await asyncio.to_thread(os.close, fd)
     hexdigest = digest.hexdigest()
     await asyncio.to_thread(os.replace, part, target)
     return size, hexdigest
+
+
+def _write_all(fd: int, data: bytearray) -> None:
+    """Write all of ``data`` (views released on return, so the caller may clear it)."""
+    with memoryview(data) as whole:
+        done = 0
+        while done < len(whole):
+            done += os.write(fd, whole[done:])
 
 
 class _AgentSocket:
@@ -248,6 +263,35 @@ async def agent_tunnel(websocket: WebSocket, tunnel_id: str) -> None:
         await websocket.close(code=4403, reason="no such tunnel was asked of this node")
         return
     await tunnel.closed()
+
+
+@router.websocket(protocol.OUT_PATH)
+async def agent_out_port(websocket: WebSocket, job_id: str, port: int) -> None:
+    """One connection a job made to an ``out`` port on its node, carried to its submission address.
+
+    Only the agent of a node the job is placed on may open it; refusals close with 4000 + the HTTP
+    status and a reason (the agent logs it and drops the job's connection).
+    """
+    core: Core = websocket.app.state.core
+    try:
+        node = await authenticate_node(websocket.scope, core.enrolment.identify)
+    except AuthError as exc:
+        await _refuse(websocket, str(exc))
+        return
+    await websocket.accept()
+    try:
+        row = await core.store.read(enrol_store.job_on_node, check_job_id(job_id), node.node_id)
+        if row is None or not may_touch_job(node, row.node_ids):
+            raise PortError(403, "this job is not placed on your node")
+        far = await core.ports.open_out(row.id, port)
+    except PortError as exc:
+        await websocket.close(code=4000 + exc.status, reason=str(exc)[:120])
+        return
+    except HTTPException as exc:
+        await websocket.close(code=4000 + exc.status_code, reason=str(exc.detail)[:120])
+        return
+    await websocket.send_text(protocol.OUT_READY)
+    await splice(WebSocketTunnel(websocket), far)
 
 
 class BootstrapTokenRequest(BaseModel):

@@ -57,6 +57,20 @@ def _resources(**counts: int) -> list[dict[str, Any]]:
     return [{"name": k, "count": v} for k, v in counts.items()]
 
 
+#: The original Sky Port's words for a job waiting on capacity (state W). swmjupyter 0.1.7 maps the start
+#: of ``state_details`` to its progress bar and fails the spawn on any other text in state W.
+_WAITING_WORDS = {"provisioning": "Initiate a new partition"}
+_PLACED_WORDS = "Partition spawned"
+
+
+def swm_details(job: Job) -> str:
+    """``state_details`` as the original clients read it: in state W it starts with the original's words."""
+    if state_letter(job) != "W":
+        return job.state_details
+    words = _WAITING_WORDS.get(job.reason, _PLACED_WORDS)
+    return f"{words}: {job.state_details}" if job.state_details else words
+
+
 def swm_job(job: Job) -> dict[str, Any]:
     spec = job.spec
     request = _resources(
@@ -69,7 +83,7 @@ def swm_job(job: Job) -> dict[str, Any]:
         "id": job.id,
         "name": job.name,
         "state": state_letter(job),
-        "state_details": job.state_details,
+        "state_details": swm_details(job),
         "submit_time": _time(job.submit_time),
         "start_time": _time(job.start_time),
         "end_time": _time(job.end_time),

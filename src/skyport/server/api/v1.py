@@ -2,14 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from skyport.models import Account, ArrayJob, Event, Flavor, Image, Job, JobState, Node, Page, Remote, User
+from skyport.gates.cloud_common import RemoteCheck
+from skyport.models import (
+    Account,
+    AccountCost,
+    ArrayJob,
+    Costs,
+    Event,
+    Flavor,
+    Image,
+    Job,
+    JobCost,
+    JobState,
+    Node,
+    Page,
+    Remote,
+    User,
+)
 from skyport.server.api.deps import check_job_id, get_core, get_principal, model_response
 from skyport.server.api.submission import submission
 from skyport.server.auth import Principal, owner_filter, require_admin
@@ -244,6 +262,31 @@ async def list_remotes(core: CoreDep, principal: PrincipalDep) -> Page[Remote]:
     return Page[Remote](items=[r.model_copy(update={"settings": {}}) for r in remotes])
 
 
+#: A credentials check makes a handful of read-only and dry-run provider calls.
+CHECK_TIMEOUT_S = 120.0
+
+
+@router.post(
+    "/remotes/{name}/check",
+    response_model=RemoteCheck,
+    summary="Verify a cloud remote's credentials and permissions, creating nothing (admins)",
+)
+async def check_remote(name: str, core: CoreDep, principal: PrincipalDep) -> RemoteCheck:
+    require_admin(principal)
+    remote_id = next((rid for rid, r in core.cloud_remotes.items() if r.name == name), None)
+    if remote_id is None:
+        raise HTTPException(404, f"no cloud remote {name!r}")
+    gate = core.provisioners[remote_id]
+    check = getattr(gate, "check", None)
+    if check is None:
+        raise HTTPException(400, f"remote {name!r} (kind {gate.kind}) has no credentials check")
+    try:
+        result: RemoteCheck = await asyncio.wait_for(check(), CHECK_TIMEOUT_S)
+    except TimeoutError:
+        raise HTTPException(504, f"checking {name!r} took longer than {CHECK_TIMEOUT_S:.0f}s") from None
+    return result
+
+
 @router.get("/whoami", response_model=User, summary="The caller")
 async def whoami(principal: PrincipalDep) -> User:
     return principal.user
@@ -327,3 +370,37 @@ async def revoke_user(name: str, core: CoreDep, principal: PrincipalDep) -> dict
         raise HTTPException(404, f"no user {name!r}")
     core.auth.forget()
     return {"revoked": count}
+
+
+@router.get("/costs", response_model=Costs, summary="Spend on elastic capacity: per account, and per job")
+async def costs(
+    core: CoreDep,
+    principal: PrincipalDep,
+    account: Annotated[str | None, Query(description="Only this account")] = None,
+    since: Annotated[datetime | None, Query(description="Only jobs that ended since then (ISO 8601)")] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+) -> Costs:
+    if since is not None and since.tzinfo is None:
+        raise HTTPException(400, "give 'since' with a time zone, e.g. 2026-11-01T00:00:00Z")
+    if account is not None and not principal.is_admin and account not in principal.user.accounts:
+        raise HTTPException(403, f"you are not a member of account {account!r}")
+    summary, rows = await core.store.read(
+        job_store.costs, owner_id=owner_filter(principal), account=account, since=since, limit=limit
+    )
+    accounts = [
+        AccountCost(**a) for a in summary if principal.is_admin or a["account"] in principal.user.accounts
+    ]
+    jobs = [
+        JobCost(
+            id=r.id,
+            name=r.name,
+            owner=r.owner,
+            account=r.account,
+            remote=r.remote or "",
+            flavor=r.flavor or "",
+            state=r.state,
+            cost=r.cost,
+        )
+        for r in rows
+    ]
+    return Costs(accounts=accounts, jobs=jobs)

@@ -19,7 +19,16 @@ from typing import Any
 import structlog
 from sqlalchemy import Connection
 
-from skyport.gates.base import ExecutorGate, Exit, GateError, Handle, JobLaunch
+from skyport.gates.base import (
+    ExecutorGate,
+    Exit,
+    GateError,
+    Handle,
+    JobLaunch,
+    Progress,
+    Submitted,
+    self_scheduling,
+)
 from skyport.models import JobSpec, JobState
 from skyport.server.clock import Clock
 from skyport.server.lifecycle.outcome import EndFlags, Outcome, decide
@@ -77,6 +86,9 @@ class _Tracked:
     cancel_requested: bool = False
     requeue_requested: bool = False
     canceled_by: str | None = None
+    #: On a self-scheduling gate (Slurm): recorded as submitted (``scheduled``) until it starts there.
+    self_scheduled: bool = False
+    submitted: str = ""
 
 
 class ExecutionLoop:
@@ -111,6 +123,7 @@ class ExecutionLoop:
         self._tracked: dict[str, _Tracked] = {}
         self._busy: set[str] = set()  # staging in or out right now
         self._exits: dict[str, Exit] = {}
+        self._progress: dict[str, Progress] = {}  # news from self-scheduling gates, recorded in batches
         self._tasks: set[asyncio.Task[None]] = set()
         #: Set once every active job has been found again after start-up.
         self.recovered = asyncio.Event()
@@ -138,6 +151,7 @@ class ExecutionLoop:
     async def pass_once(self) -> None:
         await self._launch_placed()
         await self._enforce()
+        await self._record_progress()
         await self._record_exits()
 
     # -- reading jobs --------------------------------------------------------------------------------
@@ -145,7 +159,11 @@ class ExecutionLoop:
     async def _rows(self, states: frozenset[JobState], *, flagged_only: bool = False) -> list[Any]:
         limit = None if flagged_only else LAUNCH_BATCH
         return await self._store.read(
-            job_store.rows_with_owner, states, flagged_only=flagged_only, limit=limit
+            job_store.rows_with_owner,
+            states,
+            flagged_only=flagged_only,
+            limit=limit,
+            unlaunched=not flagged_only,  # to launch: not yet handed to a gate
         )
 
     def _job_launch(self, row: Any) -> JobLaunch:
@@ -192,15 +210,26 @@ class ExecutionLoop:
             return
         started: list[_Tracked] = []
         failures: list[job_store.StateChange] = []
+        forwarded: dict[str, list[tuple[Any, JobLaunch]]] = defaultdict(list)
         now = self._clock.now()
         for row in rows:
             if row.cancel_requested or row.requeue_requested:
                 failures.append(self._ended_before_start(row, now))
                 continue
+            if not row.node_ids:
+                continue  # waiting for its elastic partition (the provisioning loop assigns nodes)
             launch = self._job_launch(row)
             if needs_stage_in(launch.spec):
                 self._busy.add(row.id)
                 self._spawn(self._stage_in_then_launch(row, launch))
+                continue
+            if row.remote_id in self._gates and self_scheduling(self._gates[row.remote_id]):
+                forwarded[row.remote_id].append((row, launch))  # submitted together, below
+                continue
+            gate = self._gates.get(row.remote_id)
+            if getattr(gate, "launch_may_wait", False):  # e.g. for a node to reconnect: not inline
+                self._busy.add(row.id)
+                self._spawn(self._launch_in_background(row, launch))
                 continue
             try:
                 handle = await self._gate(row).launch(launch)
@@ -208,7 +237,27 @@ class ExecutionLoop:
                 failures.append(self._launch_failed(row, str(exc), now))
                 continue
             started.append(self._track(row, launch, handle))
+        for remote_id, batch in forwarded.items():
+            gate = self_scheduling(self._gates[remote_id])
+            assert gate is not None
+            results = await gate.launch_many([launch for _, launch in batch])
+            for (row, launch), result in zip(batch, results, strict=True):
+                if isinstance(result, GateError):
+                    failures.append(self._launch_failed(row, str(result), now))
+                else:
+                    started.append(self._track(row, launch, result.handle, submitted=result.message))
         await self._record_started(started, failures)
+
+    async def _launch_in_background(self, row: Any, launch: JobLaunch) -> None:
+        """Launch one job off the pass (its gate may wait); record the start or the failure."""
+        try:
+            handle = await self._gate(row).launch(launch)
+        except GateError as exc:
+            await self._apply([self._launch_failed(row, str(exc), self._clock.now())])
+            return
+        finally:
+            self._busy.discard(row.id)
+        await self._record_started([self._track(row, launch, handle)], [])
 
     async def _stage_in_then_launch(self, row: Any, launch: JobLaunch) -> None:
         try:
@@ -242,35 +291,61 @@ class ExecutionLoop:
             if fresh.cancel_requested or fresh.requeue_requested:
                 await self._apply([self._ended_before_start(fresh, self._clock.now())])
                 return
-            handle = await gate.launch(launch)
+            forwarding = self_scheduling(gate)
+            submitted: Submitted | None = None
+            if forwarding is not None:
+                result = (await forwarding.launch_many([launch]))[0]
+                if isinstance(result, GateError):
+                    raise result
+                submitted = result
+                handle = result.handle
+            else:
+                handle = await gate.launch(launch)
         except (GateError, OSError) as exc:
             await self._apply([self._launch_failed(row, str(exc), self._clock.now())])
             return
         finally:
             self._busy.discard(row.id)
-        await self._record_started([self._track(row, launch, handle)], [])
+        message = submitted.message if submitted is not None else None
+        await self._record_started([self._track(row, launch, handle, submitted=message)], [])
 
     async def _fresh_row(self, job_id: str) -> Any:
         return await self._store.read(job_store.get_job_row, job_id)
 
     def _track(
-        self, row: Any, launch: JobLaunch, handle: Handle, *, recorded: bool = False, ended: bool = False
+        self,
+        row: Any,
+        launch: JobLaunch,
+        handle: Handle,
+        *,
+        recorded: bool = False,
+        ended: bool = False,
+        submitted: str | None = None,
     ) -> _Tracked:
-        """Remember an attempt; watch it unless it has ``ended`` already (found so after a restart)."""
+        """Remember an attempt; watch it unless it has ``ended`` already (found so after a restart).
+
+        ``submitted``: it went to a self-scheduling gate (the text says how), which enforces its walltime.
+        """
+        forwarding = submitted is not None
         tracked = _Tracked(
             launch=launch,
             remote_id=row.remote_id,
             handle=handle,
             walltime=row.walltime,
-            deadline=None if ended else self._deadline(row, row.walltime),
+            deadline=None if ended or forwarding else self._deadline(row, row.walltime),
             recorded=recorded,
             cancel_requested=row.cancel_requested,
             requeue_requested=row.requeue_requested,
             canceled_by=row.canceled_by,
+            self_scheduled=forwarding,
+            submitted=submitted or "",
         )
         self._tracked[row.id] = tracked
         if not ended:
-            self._gate(row).watch(row.id, handle, self._on_exit)
+            gate = self._gate(row)
+            if forwarding and (ss := self_scheduling(gate)) is not None:
+                ss.watch_progress(self._on_progress)
+            gate.watch(row.id, handle, self._on_exit)
         return tracked
 
     def _deadline(self, row: Any, walltime: int | None) -> float | None:
@@ -286,6 +361,15 @@ class ExecutionLoop:
         changes = [
             job_store.StateChange(
                 t.launch.job_id,
+                JobState.SCHEDULED,
+                "submitted",
+                t.submitted,
+                LAUNCHABLE,
+                {"handle": t.handle},
+            )
+            if t.self_scheduled
+            else job_store.StateChange(
+                t.launch.job_id,
                 JobState.RUNNING,
                 "started",
                 f"Running on {', '.join(t.launch.node_names)}",
@@ -296,7 +380,7 @@ class ExecutionLoop:
         ]
         applied = await self._apply(changes + failures)
         for change in applied:
-            if change.to_state is JobState.RUNNING:
+            if change.to_state is JobState.RUNNING or change.reason == "submitted":
                 self._tracked[change.job_id].recorded = True
         if self._exits:
             self.wakeup.ring()
@@ -337,7 +421,7 @@ class ExecutionLoop:
 
     async def _enforce(self) -> None:
         if any(not t.cancel_sent for t in self._tracked.values()):
-            for row in await self._rows(frozenset({JobState.RUNNING}), flagged_only=True):
+            for row in await self._rows(STARTED, flagged_only=True):
                 tracked = self._tracked.get(row.id)
                 if tracked is None or tracked.cancel_sent:
                     continue
@@ -363,6 +447,48 @@ class ExecutionLoop:
     def _on_exit(self, job_id: str, exit: Exit) -> None:
         self._exits[job_id] = exit
         self.wakeup.ring()
+
+    def _on_progress(self, job_id: str, progress: Progress) -> None:
+        self._progress[job_id] = progress
+        self.wakeup.ring()
+
+    async def _record_progress(self) -> None:
+        """What self-scheduling gates saw: a start (``running``, on the provider's nodes), or why an
+        attempt still waits there (``scheduled``, the reason in ``state_details``)."""
+        for job_id in [j for j in self._progress if j not in self._tracked]:
+            del self._progress[job_id]  # it ended meanwhile
+        ready = [(j, p) for j, p in self._progress.items() if self._tracked[j].recorded]
+        if not ready:
+            return
+        now = self._clock.now()
+        changes = []
+        for job_id, progress in ready:
+            del self._progress[job_id]
+            if progress.started:
+                values: dict[str, Any] = {"start_time": now}
+                if progress.node_names:
+                    values["node_names"] = list(progress.node_names)
+                changes.append(
+                    job_store.StateChange(
+                        job_id,
+                        JobState.RUNNING,
+                        "started",
+                        progress.message,
+                        frozenset({JobState.SCHEDULED, JobState.STAGING_IN}),
+                        values,
+                    )
+                )
+            else:
+                changes.append(
+                    job_store.StateChange(
+                        job_id,
+                        JobState.SCHEDULED,
+                        "pending",
+                        progress.message,
+                        frozenset({JobState.SCHEDULED}),
+                    )
+                )
+        await self._apply(changes)
 
     async def _record_exits(self) -> None:
         ready = [
@@ -461,6 +587,8 @@ class ExecutionLoop:
         rows = await self._store.read(job_store.rows_with_owner, active)
         finals: list[job_store.StateChange] = []
         for row in rows:
+            if not row.node_ids:
+                continue  # still waiting for its elastic partition: the provisioning loop resumes it
             launch = self._job_launch(row)
             try:
                 gate = self._gate(row)
@@ -483,8 +611,15 @@ class ExecutionLoop:
                 )
                 continue
             found = await gate.recover(launch, row.handle)
+            forwarding = self_scheduling(gate) is not None
             if found.handle is not None:
-                self._track(row, launch, found.handle, recorded=row.state == JobState.RUNNING.value)
+                self._track(
+                    row,
+                    launch,
+                    found.handle,
+                    recorded=row.state == JobState.RUNNING.value or (forwarding and row.handle is not None),
+                    submitted="Found again after a restart of the core" if forwarding else None,
+                )
                 log.info("re-adopted a running job", job_id=row.id)
             elif found.exit is not None:
                 # It ended while we were away: record it as if we had watched it.

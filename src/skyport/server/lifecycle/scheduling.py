@@ -8,13 +8,16 @@ when it should start, is recorded too (without an event: it is not a state chang
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import uuid
 from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import structlog
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, or_, select, true
 
 from skyport.models import JobState
 from skyport.models.job import ACTIVE_STATES
@@ -23,20 +26,23 @@ from skyport.server.lifecycle.wakeup import JobNotifier, Wakeup
 from skyport.server.metrics import Metrics
 from skyport.server.scheduler import (
     AccountState,
+    FlavorOffer,
     NodeCapacity,
     PendingJob,
     Plan,
     Policy,
     RunningJob,
+    SelfScheduling,
     Snapshot,
-    Wait,
     plan,
 )
-from skyport.server.settings import SchedulerSettings
+from skyport.server.settings import CloudRemoteSettings, SchedulerSettings
+from skyport.server.store import infra as infra_store
 from skyport.server.store import jobs as job_store
+from skyport.server.store import partitions as partition_store
 from skyport.server.store import users as user_store
 from skyport.server.store.engine import Store
-from skyport.server.store.tables import accounts, jobs, nodes
+from skyport.server.store.tables import accounts, jobs, nodes, partitions
 
 log = structlog.get_logger(__name__)
 
@@ -51,6 +57,43 @@ MIN_PASS_INTERVAL_S = 0.02
 
 
 @dataclass(frozen=True)
+class ForwardingRemote:
+    """A remote that schedules jobs itself (see :mod:`skyport.server.scheduler.forwarding`)."""
+
+    name: str
+    #: Its partition for jobs that name none, and the job label that names one.
+    default_partition: str
+    partition_label: str
+
+
+def _self_scheduling(
+    conn: Connection, node_rows: dict[str, Any], forwarding: dict[str, ForwardingRemote]
+) -> dict[str, SelfScheduling]:
+    """Each self-scheduling remote's partitions (by name) and their nodes: the targets of forwards."""
+    if not forwarding:
+        return {}
+    names = {
+        r.id: r.name
+        for r in conn.execute(
+            select(partitions.c.id, partitions.c.name).where(partitions.c.remote_id.in_(list(forwarding)))
+        )
+    }
+    members: dict[str, dict[str, list[str]]] = {remote_id: defaultdict(list) for remote_id in forwarding}
+    for node in node_rows.values():
+        if node.remote_id in forwarding and node.partition_id in names:
+            members[node.remote_id][names[node.partition_id]].append(node.id)
+    return {
+        remote_id: SelfScheduling(
+            remote_id=remote_id,
+            partitions={p: tuple(sorted(ids)) for p, ids in members[remote_id].items()},
+            default_partition=remote.default_partition,
+            partition_label=remote.partition_label,
+        )
+        for remote_id, remote in forwarding.items()
+    }
+
+
+@dataclass(frozen=True)
 class _Read:
     snapshot: Snapshot
     node_rows: dict[str, Any]
@@ -58,11 +101,30 @@ class _Read:
     any_free: bool  # some node has a free CPU: a new job might start at once
 
 
-def _nodes_and_running(conn: Connection) -> tuple[dict[str, Any], list[Any]]:
+def _nodes_and_running(
+    conn: Connection, skip_remotes: Sequence[str] = ()
+) -> tuple[dict[str, Any], list[Any]]:
+    """Nodes that are up, and the jobs holding them; ``skip_remotes``: self-scheduling remotes, whose
+    jobs (maybe thousands waiting in Slurm) hold nothing our scheduler places."""
+    # Nodes of elastic partitions count only once their partition serves jobs (in use or idle): while
+    # it boots, its nodes belong to the job it is being made for.
+    elastic = partitions.c.static.is_(False)
     node_rows = {
         r.id: r
         for r in conn.execute(
-            select(nodes).where(nodes.c.state_power == "up", nodes.c.state_alloc.in_(["idle", "busy"]))
+            select(
+                nodes,
+                partitions.c.static.label("static_partition"),
+                partitions.c.flavor_id.label("partition_flavor"),
+                accounts.c.name.label("partition_account"),
+            )
+            .outerjoin(partitions, partitions.c.id == nodes.c.partition_id)
+            .outerjoin(accounts, accounts.c.id == partitions.c.account_id)
+            .where(
+                nodes.c.state_power == "up",
+                nodes.c.state_alloc.in_(["idle", "busy"]),
+                ~elastic | partitions.c.state.in_(partition_store.SCHEDULABLE) | partitions.c.id.is_(None),
+            )
         )
     }
     active = conn.execute(
@@ -81,6 +143,11 @@ def _nodes_and_running(conn: Connection) -> tuple[dict[str, Any], list[Any]]:
         )
         .join(accounts, accounts.c.id == jobs.c.account_id)
         .where(jobs.c.state.in_([s.value for s in ACTIVE_STATES]))
+        .where(
+            or_(jobs.c.remote_id.is_(None), jobs.c.remote_id.not_in(list(skip_remotes)))
+            if skip_remotes
+            else true()
+        )
     )
     return node_rows, list(active)
 
@@ -107,6 +174,8 @@ def _capacity(node_rows: dict[str, Any], running: list[Any]) -> tuple[NodeCapaci
             storage=n.storage,
             free_storage=n.storage,
             partition_id=n.partition_id or "",
+            flavor=None if n.static_partition in (None, True) else n.partition_flavor,
+            account=None if n.static_partition in (None, True) else n.partition_account,
         )
         for n in node_rows.values()
     )
@@ -133,6 +202,8 @@ def _pending(conn: Connection, page: int) -> dict[str, Any]:
             jobs.c.estimated_start,
             jobs.c.array_id,
             jobs.c.array_throttle,
+            jobs.c.flavor,
+            jobs.c.account_id,
             accounts.c.name.label("account"),
         )
         .join(accounts, accounts.c.id == jobs.c.account_id)
@@ -143,16 +214,58 @@ def _pending(conn: Connection, page: int) -> dict[str, Any]:
     return {r.id: r for r in queued}
 
 
-def _read_snapshot(conn: Connection, page: int, policy: Policy, now: datetime, half_life_s: float) -> _Read:
-    node_rows, running_rows = _nodes_and_running(conn)
-    capacity = _capacity(node_rows, running_rows)
+def _offers(conn: Connection, max_creating: dict[str, int]) -> tuple[FlavorOffer, ...]:
+    """The flavors of remotes that create partitions, with how many each is creating now."""
+    creating = partition_store.creating_counts(conn)
+    return tuple(
+        FlavorOffer(
+            remote_id=f.remote_id,
+            flavor_id=f.id,
+            name=f.name,
+            cpus=f.cpus,
+            mem=f.mem,
+            gpus=f.gpus,
+            storage=f.storage,
+            price=f.price,
+            max_creating=max_creating[f.remote_id],
+            creating=creating.get(f.remote_id, 0),
+        )
+        for f in partition_store.flavor_rows(conn, list(max_creating))
+    )
+
+
+def _read_snapshot(
+    conn: Connection,
+    page: int,
+    policy: Policy,
+    now: datetime,
+    half_life_s: float,
+    max_creating: dict[str, int],
+    forwarding: dict[str, ForwardingRemote] | None = None,
+) -> _Read:
+    forwarding = forwarding or {}
+    node_rows, running_rows = _nodes_and_running(conn, list(forwarding))
+    # Nodes of self-scheduling remotes are shown, but their own scheduler places on them, never ours.
+    capacity = _capacity({i: n for i, n in node_rows.items() if n.remote_id not in forwarding}, running_rows)
     pending_rows = _pending(conn, page)
     depends = {d for r in pending_rows.values() for d in (*r.depends, *r.depends_any)}
-    dependency_states = (
-        {r.id: r.state for r in conn.execute(select(jobs.c.id, jobs.c.state).where(jobs.c.id.in_(depends)))}
+    dependency_rows = (
+        list(
+            conn.execute(
+                select(jobs.c.id, jobs.c.state, jobs.c.remote_id, jobs.c.requested_remote_id).where(
+                    jobs.c.id.in_(depends)
+                )
+            )
+        )
         if depends
-        else {}
+        else []
     )
+    dependency_states = {r.id: r.state for r in dependency_rows}
+    dependency_remotes = {
+        r.id: r.remote_id or r.requested_remote_id
+        for r in dependency_rows
+        if r.remote_id or r.requested_remote_id
+    }
     snapshot = Snapshot(
         jobs=tuple(
             PendingJob(
@@ -173,11 +286,13 @@ def _read_snapshot(conn: Connection, page: int, policy: Policy, now: datetime, h
                 exclusive=r.exclusive,
                 array_id=r.array_id,
                 array_throttle=r.array_throttle,
+                flavor=r.flavor,
                 current_reason=r.reason,
             )
             for r in pending_rows.values()
         ),
         nodes=capacity,
+        flavors=_offers(conn, max_creating),
         running=tuple(
             RunningJob(
                 id=r.id,
@@ -194,11 +309,18 @@ def _read_snapshot(conn: Connection, page: int, policy: Policy, now: datetime, h
             for r in running_rows
         ),
         accounts={
-            a.name: AccountState(name=a.name, share=a.share, usage=a.usage, budget_left=a.budget)
+            a.name: AccountState(
+                name=a.name,
+                share=a.share,
+                usage=a.usage,
+                budget_left=None if a.budget is None else a.budget - a.spend,
+            )
             for a in user_store.account_usage(conn, now, half_life_s)
         },
         dependency_states=dependency_states,
         policy=policy,
+        self_scheduling=_self_scheduling(conn, node_rows, forwarding),
+        dependency_remotes=dependency_remotes,
     )
     return _Read(snapshot, node_rows, pending_rows, any(n.free_cpus > 0 for n in capacity))
 
@@ -208,8 +330,18 @@ def _record_plan(
     changes: list[job_store.StateChange],
     waits: dict[tuple[str, str, datetime | None], list[str]],
     now: datetime,
+    new_partitions: dict[str, partition_store.NewPartition] | None = None,
 ) -> list[job_store.StateChange]:
     applied = job_store.transition(conn, changes, now)
+    # A partition's row is the intent the provisioning loop acts on: written with its job's placement,
+    # only for jobs still queued when it commits.
+    for change in applied:
+        if new_partitions and change.job_id in new_partitions:
+            new = new_partitions[change.job_id]
+            spec = conn.execute(select(jobs.c.spec).where(jobs.c.id == change.job_id)).scalar_one()
+            if spec.get("cloud_image"):
+                new = dataclasses.replace(new, image=spec["cloud_image"])
+            partition_store.insert_partition(conn, new, now)
     for (reason, message, estimated_start), ids in waits.items():
         job_store.set_wait_reason(conn, ids, reason, message, estimated_start)
     return applied
@@ -237,14 +369,21 @@ class SchedulerLoop:
         *,
         interval_s: float,
         on_placed: Wakeup,
+        cloud_remotes: dict[str, CloudRemoteSettings] | None = None,
+        on_provision: Callable[[], None] = lambda: None,
     ) -> None:
         self.wakeup = Wakeup()
+        #: remote id -> settings of the remotes that create partitions (filled by the core at start).
+        self._cloud = cloud_remotes if cloud_remotes is not None else {}
+        self._on_provision = on_provision
+        self._forwarding: dict[str, ForwardingRemote] = {}
         self._store = store
         self._clock = clock
         self._metrics = metrics
         self._notifier = notifier
         self._settings = settings
         self._policy = policy_from(settings)
+        self._algorithms_resolved = False  # scheduler.remote_algorithms names -> remote ids, once
         self._interval = interval_s
         self._on_placed = on_placed
         self._depth = MIN_PAGE if settings.algorithm == "fcfs" else BACKFILL_DEPTH
@@ -253,6 +392,32 @@ class SchedulerLoop:
         # was left free (backfill could use it). None: not blocked.
         self._blocked_at: int | None = None
         self._free_capacity = True
+
+    def attach_cloud(
+        self, cloud_remotes: dict[str, CloudRemoteSettings], *, on_provision: Callable[[], None]
+    ) -> None:
+        """The remotes that create partitions (filled at start) and who to wake for a new partition."""
+        self._cloud = cloud_remotes
+        self._on_provision = on_provision
+
+    def attach_self_scheduling(self, remotes: dict[str, ForwardingRemote]) -> None:
+        """The remotes whose jobs are forwarded to their own scheduler (filled by the core at start)."""
+        self._forwarding = remotes
+
+    async def _resolve_remote_algorithms(self) -> None:
+        """``scheduler.remote_algorithms`` names remotes; the planner works with their ids."""
+        remotes = {r.name: r.id for r in await self._store.read(infra_store.list_remotes)}
+        unknown = sorted(set(self._settings.remote_algorithms) - remotes.keys())
+        if unknown:
+            log.warning("scheduler.remote_algorithms names unknown remotes", remotes=unknown)
+        chosen = tuple(
+            sorted(
+                (remotes[name], algo)
+                for name, algo in self._settings.remote_algorithms.items()
+                if name in remotes
+            )
+        )
+        self._policy = dataclasses.replace(self._policy, remote_algorithms=chosen)
 
     def submitted(self, priority: int) -> None:
         """A job was queued. While the head of the queue is blocked and no capacity is free, only a
@@ -279,8 +444,18 @@ class SchedulerLoop:
     async def pass_once(self) -> Plan:
         started = self._clock.monotonic()
         now = self._clock.now()
+        if self._settings.remote_algorithms and not self._algorithms_resolved:
+            await self._resolve_remote_algorithms()
+            self._algorithms_resolved = True
+        max_creating = {remote_id: r.max_creating for remote_id, r in self._cloud.items()}
         read = await self._store.read(
-            _read_snapshot, self._page, self._policy, now, self._settings.usage_half_life_s
+            _read_snapshot,
+            self._page,
+            self._policy,
+            now,
+            self._settings.usage_half_life_s,
+            max_creating,
+            forwarding=self._forwarding,
         )
         snapshot = read.snapshot
         if not snapshot.jobs:
@@ -300,8 +475,10 @@ class SchedulerLoop:
             self._page = min(self._page * 4, MAX_PAGE)
             self.wakeup.ring()
         self._metrics.scheduler_pass.observe(self._clock.monotonic() - started)
-        if decided.placements:
+        if decided.placements or decided.forwards:
             self._on_placed.ring()
+        if decided.provisions:
+            self._on_provision()
         return decided
 
     async def _record(
@@ -319,9 +496,34 @@ class SchedulerLoop:
                     from_states=frozenset({JobState.QUEUED}),
                     values={
                         "remote_id": placed[0].remote_id,
+                        # On an elastic partition (kept warm, reused): its cost counts from now.
+                        "partition_id": None
+                        if placed[0].static_partition in (None, True)
+                        else placed[0].partition_id,
                         "node_ids": [n.id for n in placed],
                         "node_names": [n.name for n in placed],
                         "node_ips": [n.ip or n.host for n in placed],
+                        "scheduled_time": now,
+                        "estimated_start": None,
+                    },
+                )
+            )
+        for f in decided.forwards:
+            candidates = [node_rows[n] for n in f.node_ids]
+            target = self._forwarding.get(f.remote_id)
+            changes.append(
+                job_store.StateChange(
+                    job_id=f.job_id,
+                    to_state=JobState.SCHEDULED,
+                    reason="forwarded",
+                    message=f"Forwarded to {target.name if target else f.remote_id}, partition {f.partition} "
+                    f"({', '.join(n.name for n in candidates)}): its own scheduler places it",
+                    from_states=frozenset({JobState.QUEUED}),
+                    values={
+                        "remote_id": f.remote_id,
+                        "node_ids": [n.id for n in candidates],
+                        "node_names": [n.name for n in candidates],
+                        "node_ips": [n.ip or n.host for n in candidates],
                         "scheduled_time": now,
                         "estimated_start": None,
                     },
@@ -338,29 +540,52 @@ class SchedulerLoop:
                     values={"end_time": now, "estimated_start": None},
                 )
             )
-        # Elastic capacity needs a provisioner (not configured yet): such jobs wait, and say so.
-        provision_waits = [
-            Wait(
-                p.job_id,
-                "ProvisionLimit",
-                f"Waiting for elastic capacity: {p.nodes} node(s) of a cloud flavor",
+        new_partitions: dict[str, partition_store.NewPartition] = {}
+        for prov in decided.provisions:
+            row = pending_rows[prov.job_id]
+            remote = self._cloud.get(prov.remote_id)
+            partition_id = str(uuid.uuid4())
+            new_partitions[prov.job_id] = partition_store.NewPartition(
+                id=partition_id,
+                remote_id=prov.remote_id,
+                name=f"sp-{partition_id[:8]}",
+                flavor_id=prov.flavor_id,
+                image=remote.default_image if remote else None,  # the job's cloud-image wins (below)
+                account_id=row.account_id,
+                job_id=prov.job_id,
+                node_count=prov.nodes,
+                price=prov.cost_per_hour / max(prov.nodes, 1),
             )
-            for p in decided.provisions
-        ]
+            remote_name = remote.name if remote else prov.remote_id
+            changes.append(
+                job_store.StateChange(
+                    job_id=prov.job_id,
+                    to_state=JobState.SCHEDULED,
+                    reason="provisioning",
+                    message=f"Requesting {prov.nodes} node(s) from {remote_name}",
+                    from_states=frozenset({JobState.QUEUED}),
+                    values={
+                        "remote_id": prov.remote_id,
+                        "partition_id": partition_id,
+                        "scheduled_time": now,
+                        "estimated_start": None,
+                    },
+                )
+            )
         waits: dict[tuple[str, str, datetime | None], list[str]] = defaultdict(list)
-        for w in [*decided.waits, *provision_waits]:
+        for w in decided.waits:
             row = pending_rows[w.job_id]
             if row.reason != w.reason or _moved(row.estimated_start, w.estimated_start):
                 waits[(w.reason, w.message, w.estimated_start)].append(w.job_id)
         if not changes and not waits:
             return
-        applied = await self._store.write(_record_plan, changes, waits, now)
+        applied = await self._store.write(_record_plan, changes, waits, now, new_partitions)
         for change in applied:
             self._notifier.changed(change.job_id)
-            if change.to_state is JobState.SCHEDULED:
+            if change.to_state is JobState.SCHEDULED and change.reason in ("placed", "forwarded"):
                 waited = (now - pending_rows[change.job_id].submit_time).total_seconds()
                 self._metrics.scheduling_latency.observe(max(0.0, waited))
-            else:
+            elif change.to_state.terminal:  # rejected (a provisioned job is neither: it waits on)
                 self._metrics.finished.labels(state=change.to_state.value).inc()
 
 

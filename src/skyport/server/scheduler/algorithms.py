@@ -33,6 +33,7 @@ from __future__ import annotations
 import gc
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import datetime, timedelta
 from operator import attrgetter
 
@@ -78,25 +79,43 @@ def plan(snapshot: Snapshot, now: datetime) -> Plan:
     forwarded, jobs = split_forwarded(snapshot)
     with _no_gc():
         state = ClusterState(snapshot.nodes, snapshot.running, snapshot.policy.default_walltime)
-    decided = run_pass(
-        state,
-        jobs,
-        snapshot.flavors,
-        snapshot.accounts,
-        snapshot.dependency_states,
-        snapshot.policy,
-        now,
-        undo=False,
-    )
+    decided = Plan()
+    # Remotes with an algorithm of their own first: their jobs can only use their nodes. Jobs that name
+    # no remote are planned last, on what is left (they do not see those remotes' reservations).
+    own = dict(snapshot.policy.remote_algorithms)
+    for remote_id, algorithm in sorted(own.items()):
+        theirs = [j for j in jobs if j.remote_id == remote_id]
+        if theirs:
+            policy = replace(snapshot.policy, algorithm=algorithm, remote_algorithms=())
+            _merge(decided, _pass(state, theirs, snapshot, policy, now))
+    rest = [j for j in jobs if j.remote_id not in own] if own else jobs
+    _merge(decided, _pass(state, rest, snapshot, snapshot.policy, now))
     decided.forwards.extend(forwarded.forwards)
     decided.rejections.extend(forwarded.rejections)
     decided.waits.extend(forwarded.waits)
     return decided
 
 
+def _pass(
+    state: ClusterState, jobs: Sequence[PendingJob], snapshot: Snapshot, policy: Policy, now: datetime
+) -> Plan:
+    return run_pass(
+        state, jobs, snapshot.flavors, snapshot.accounts, snapshot.dependency_states, policy, now, undo=False
+    )
+
+
+def _merge(into: Plan, other: Plan) -> None:
+    into.placements.extend(other.placements)
+    into.provisions.extend(other.provisions)
+    into.rejections.extend(other.rejections)
+    into.waits.extend(other.waits)
+    into.forwards.extend(other.forwards)
+
+
 def check_algorithm(policy: Policy) -> None:
-    if policy.algorithm not in ALGORITHMS:
-        raise ValueError(f"unknown scheduling algorithm {policy.algorithm!r}; known: {', '.join(ALGORITHMS)}")
+    for algorithm in (policy.algorithm, *(a for _, a in policy.remote_algorithms)):
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown scheduling algorithm {algorithm!r}; known: {', '.join(ALGORITHMS)}")
 
 
 def run_pass(

@@ -126,6 +126,9 @@ class Policy:
     max_age_hours: float = 168.0
     #: Walltime assumed for jobs (running or pending) that gave none.
     default_walltime: int = 3600
+    #: Remotes (by id) that use another algorithm for the jobs that name them, e.g. a lab's hosts run
+    #: ``fcfs`` while the rest is backfilled. Their jobs are planned first, against that remote's nodes.
+    remote_algorithms: tuple[tuple[str, Algorithm], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -33,10 +33,18 @@ class Enrolment:
     remote_name: str
     node_id: str
     node_name: str
+    #: The elastic partition the node joins (None: the remote's static partition).
+    partition_id: str | None = None
 
 
 def create_bootstrap_token(
-    conn: Connection, *, remote_id: str, node_name: str, ttl: timedelta, now: datetime
+    conn: Connection,
+    *,
+    remote_id: str,
+    node_name: str,
+    ttl: timedelta,
+    now: datetime,
+    partition_id: str | None = None,
 ) -> str:
     """A new one-time token for enrolling ``node_name`` on the remote; returns the secret (shown once)."""
     secret = secrets.token_urlsafe(32)
@@ -51,6 +59,7 @@ def create_bootstrap_token(
             "scopes": ["node:enrol"],
             "remote_id": remote_id,
             "node_name": node_name,
+            "partition_id": partition_id,
             "created_at": now,
             "expires_at": now + ttl,
         },
@@ -76,7 +85,8 @@ def redeem_bootstrap_token(conn: Connection, secret: str, now: datetime) -> Enro
     )
     if claimed.rowcount != 1:
         return "the bootstrap token has been used already: each token enrols one node once"
-    return Enrolment(row.remote_id, row.remote_name, node_id_for(row.remote_id, row.node_name), row.node_name)
+    node_id = node_id_for(row.remote_id, row.node_name)
+    return Enrolment(row.remote_id, row.remote_name, node_id, row.node_name, row.partition_id)
 
 
 def register_node(
@@ -106,15 +116,18 @@ def register_node(
     if existing is not None:
         conn.execute(update(nodes).where(nodes.c.id == enrolment.node_id).values(**values))
         return
-    partition = conn.execute(
-        select(partitions.c.id).where(partitions.c.remote_id == enrolment.remote_id, partitions.c.static)
-    ).first()
+    partition_id = enrolment.partition_id
+    if partition_id is None:
+        static = conn.execute(
+            select(partitions.c.id).where(partitions.c.remote_id == enrolment.remote_id, partitions.c.static)
+        ).first()
+        partition_id = static.id if static else None
     conn.execute(
         insert(nodes),
         {
             "id": enrolment.node_id,
             "remote_id": enrolment.remote_id,
-            "partition_id": partition.id if partition else None,
+            "partition_id": partition_id,
             "name": enrolment.node_name,
             "state_alloc": "idle",
             **values,
@@ -125,11 +138,19 @@ def register_node(
 def node_enrolment(conn: Connection, node_id: str) -> Enrolment | None:
     """The identity of a known node (for an agent presenting its certificate)."""
     row = conn.execute(
-        select(nodes.c.id, nodes.c.name, nodes.c.remote_id, remotes.c.name.label("remote_name"))
+        select(
+            nodes.c.id,
+            nodes.c.name,
+            nodes.c.remote_id,
+            nodes.c.partition_id,
+            remotes.c.name.label("remote_name"),
+        )
         .join(remotes, remotes.c.id == nodes.c.remote_id)
         .where(nodes.c.id == node_id)
     ).first()
-    return None if row is None else Enrolment(row.remote_id, row.remote_name, row.id, row.name)
+    if row is None:
+        return None
+    return Enrolment(row.remote_id, row.remote_name, row.id, row.name, row.partition_id)
 
 
 def set_nodes_power(conn: Connection, node_ids: list[str], power: str, now: datetime) -> list[str]:

@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 
 from skyport.models import ArrayJob, Event, Job, JobSpec, JobState
+from skyport.server.store import partitions as partition_store
 from skyport.server.store.tables import accounts, arrays, events, job_files, jobs, remotes, users
 
 
@@ -84,6 +85,7 @@ def _row_values(job: NewJob) -> dict[str, Any]:
         "depends": spec.depends,
         "depends_any": spec.depends_any,
         "exclusive": spec.exclusive,
+        "flavor": spec.flavor,
         "array_id": job.array.id if job.array else None,
         "array_index": job.array_index,
         "array_throttle": job.array.throttle if job.array else None,
@@ -175,6 +177,9 @@ def transition(conn: Connection, changes: Sequence[StateChange], now: datetime) 
                 "message": change.message,
             }
         )
+    ending = [c.job_id for c in applied if c.to_state.terminal or c.to_state is JobState.QUEUED]
+    if ending:  # before the rows change: a requeue clears the job's partition
+        partition_store.charge_jobs(conn, ending, now)
     _write_rows(conn, rows)
     if event_rows:
         conn.execute(insert(events), event_rows)
@@ -227,6 +232,7 @@ def requeue_values(attempt: int) -> dict[str, Any]:
     return {
         "attempt": attempt + 1,
         "remote_id": None,
+        "partition_id": None,
         "node_ids": [],
         "node_names": [],
         "node_ips": [],
@@ -321,6 +327,7 @@ def job_from_row(row: Any) -> Job:
         array_id=row.array_id or "",
         array_index=row.array_index,
         cancel_requested=row.cancel_requested,
+        cost=row.cost,
         spec=JobSpec.model_validate(row.spec),
     )
 
@@ -415,11 +422,17 @@ def count_by_state(conn: Connection) -> dict[str, int]:
 
 
 def rows_with_owner(
-    conn: Connection, states: Iterable[JobState], *, flagged_only: bool = False, limit: int | None = None
+    conn: Connection,
+    states: Iterable[JobState],
+    *,
+    flagged_only: bool = False,
+    limit: int | None = None,
+    unlaunched: bool = False,
 ) -> list[Any]:
     """Raw job rows (plus ``owner_name``) in the given states, in scheduling order.
 
-    ``flagged_only``: just those with a pending cancel or requeue request.
+    ``flagged_only``: just those with a pending cancel or requeue request. ``unlaunched``: just those
+    with no handle yet (a self-scheduling gate's submitted jobs stay ``scheduled`` with one).
     """
     query = (
         select(jobs, users.c.name.label("owner_name"))
@@ -429,6 +442,8 @@ def rows_with_owner(
     )
     if flagged_only:
         query = query.where(jobs.c.cancel_requested.is_(True) | jobs.c.requeue_requested.is_(True))
+    if unlaunched:
+        query = query.where(jobs.c.handle.is_(None))
     if limit is not None:
         query = query.limit(limit)
     return list(conn.execute(query).all())
@@ -524,3 +539,59 @@ def set_first_node_ip(conn: Connection, job_id: str, ip: str) -> None:
     if row is not None and (not row.node_ips or row.node_ips[0] != ip):
         rest = [a for a in (row.node_ips or []) if a != ip]
         conn.execute(update(jobs).where(jobs.c.id == job_id).values(node_ips=[ip, *rest]))
+
+
+def costs(
+    conn: Connection, *, owner_id: str | None, account: str | None, since: datetime | None, limit: int
+) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Spend per account (total, and of jobs that ended since ``since``) and the costliest jobs.
+
+    ``owner_id``: only that user's jobs and their accounts (None: everyone's, for administrators).
+    """
+    job_query = (
+        select(
+            jobs.c.id,
+            jobs.c.name,
+            jobs.c.cost,
+            jobs.c.state,
+            jobs.c.end_time,
+            users.c.name.label("owner"),
+            accounts.c.name.label("account"),
+            remotes.c.name.label("remote"),
+            jobs.c.flavor,
+        )
+        .join(users, users.c.id == jobs.c.owner_id)
+        .join(accounts, accounts.c.id == jobs.c.account_id)
+        .outerjoin(remotes, remotes.c.id == jobs.c.remote_id)
+        .where(jobs.c.cost > 0)
+    )
+    if owner_id is not None:
+        job_query = job_query.where(jobs.c.owner_id == owner_id)
+    if account is not None:
+        job_query = job_query.where(accounts.c.name == account)
+    if since is not None:
+        job_query = job_query.where(jobs.c.end_time >= since)
+    job_rows = list(conn.execute(job_query.order_by(jobs.c.cost.desc()).limit(limit)))
+    period = select(accounts.c.name, func.coalesce(func.sum(jobs.c.cost), 0.0).label("cost")).join(
+        jobs, jobs.c.account_id == accounts.c.id
+    )
+    if since is not None:
+        period = period.where(jobs.c.end_time >= since)
+    if owner_id is not None:
+        period = period.where(jobs.c.owner_id == owner_id)
+    in_period = {r.name: float(r.cost) for r in conn.execute(period.group_by(accounts.c.name))}
+    account_query = select(accounts.c.name, accounts.c.spend, accounts.c.budget).order_by(accounts.c.name)
+    if account is not None:
+        account_query = account_query.where(accounts.c.name == account)
+    summary = [
+        {
+            "account": r.name,
+            "spend": r.spend,
+            "budget": r.budget,
+            "budget_left": None if r.budget is None else r.budget - r.spend,
+            "jobs_cost": in_period.get(r.name, 0.0),
+        }
+        for r in conn.execute(account_query)
+        if owner_id is None or r.name in in_period
+    ]
+    return summary, job_rows

@@ -81,6 +81,8 @@ accounts = Table(
     Column("share", Float, nullable=False, server_default="1.0"),
     Column("usage", Float, nullable=False, server_default="0.0"),
     Column("usage_at", UTCDateTime, nullable=True),
+    # What its jobs' elastic capacity has cost (same currency as the prices); budgets are checked on it.
+    Column("spend", Float, nullable=False, server_default="0"),
 )
 
 account_members = Table(
@@ -114,6 +116,8 @@ tokens = Table(
     # A bootstrap token enrols one node of one remote, once.
     Column("remote_id", String(36), ForeignKey("remotes.id", ondelete="CASCADE"), nullable=True),
     Column("node_name", String(255), nullable=True),
+    # For a node of an elastic partition: which one it joins.
+    Column("partition_id", String(36), nullable=True),
     Column("created_at", UTCDateTime, nullable=False),
     Column("expires_at", UTCDateTime, nullable=True),
     Column("revoked_at", UTCDateTime, nullable=True),
@@ -167,7 +171,22 @@ partitions = Table(
     Column("static", Boolean, nullable=False),
     Column("created_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
+    # Elastic partitions (static: False): what was asked of the provider, for whom, and where it is.
+    Column("flavor_id", String(128), nullable=True),
+    Column("image", String(255), nullable=True),
+    Column("account_id", String(36), ForeignKey("accounts.id"), nullable=True),
+    Column("job_id", String(36), nullable=True),  # the job it was created for, or runs now
+    Column("node_count", Integer, nullable=False, server_default="1"),
+    Column("price", Float, nullable=False, server_default="0"),  # per node-hour
+    Column("provider_id", String(255), nullable=False, server_default=""),
+    Column("message", Text, nullable=False, server_default=""),
+    Column("step_deadline", UTCDateTime, nullable=True),  # the current step must be done by then
+    Column("attempts", Integer, nullable=False, server_default="0"),  # failed tries of the current step
+    Column("next_try_at", UTCDateTime, nullable=True),  # backoff
+    Column("idle_since", UTCDateTime, nullable=True),
+    Column("charged_until", UTCDateTime, nullable=True),  # cost recorded up to then
 )
+Index("ix_partitions_state", partitions.c.state)
 
 nodes = Table(
     "nodes",
@@ -225,6 +244,9 @@ jobs = Table(
     Column("depends", JSON, nullable=False, server_default="[]"),  # job ids it waits for (after ok)
     Column("depends_any", JSON, nullable=False, server_default="[]"),  # ... (after any end)
     Column("exclusive", Boolean, nullable=False, server_default="0"),  # whole nodes
+    Column("flavor", String(128), nullable=True),  # an elastic flavor asked for (#SWM flavor)
+    Column("partition_id", String(36), nullable=True, index=True),  # the elastic partition it runs on
+    Column("cost", Float, nullable=False, server_default="0"),  # flavor price x node-hours used
     Column("estimated_start", UTCDateTime, nullable=True),  # while queued, when known
     # A task of an array job: which array, which index, and how many of its tasks may run at once.
     Column("array_id", String(36), ForeignKey("arrays.id", ondelete="CASCADE"), nullable=True, index=True),

@@ -130,13 +130,15 @@ class AccountUsage:
     share: float
     usage: float  # CPU-seconds, decayed to ``now``
     budget: float | None
+    spend: float = 0.0  # what its jobs' elastic capacity has cost so far
 
 
 def account_usage(conn: Connection, now: datetime, half_life_s: float) -> list[AccountUsage]:
     """Every account's fair-share weight and recent use (decayed to ``now``)."""
     rows = conn.execute(select(accounts).order_by(accounts.c.name))
     return [
-        AccountUsage(r.name, r.share, _decayed(r.usage, r.usage_at, now, half_life_s), r.budget) for r in rows
+        AccountUsage(r.name, r.share, _decayed(r.usage, r.usage_at, now, half_life_s), r.budget, r.spend)
+        for r in rows
     ]
 
 
@@ -199,6 +201,13 @@ def list_accounts(conn: Connection, now: datetime, half_life_s: float) -> list[A
     for row in rows:
         members.setdefault(row.name, []).append(row.user)
     return [
-        Account(name=a.name, share=a.share, usage=a.usage, budget=a.budget, members=members.get(a.name, []))
+        Account(
+            name=a.name,
+            share=a.share,
+            usage=a.usage,
+            budget=a.budget,
+            spend=a.spend,
+            members=members.get(a.name, []),
+        )
         for a in account_usage(conn, now, half_life_s)
     ]

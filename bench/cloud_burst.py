@@ -1,0 +1,158 @@
+"""A burst of cloud jobs: 500 jobs on the ``sim`` cloud with a 30 s boot latency (target <= 1.3 x ideal).
+
+Each job names a flavor, so each gets a partition of its own: the core writes 500 partition rows, asks
+the sim for 500 VMs at once (bounded only by the remote's ``max_creating``), the VMs boot for 30 s, their
+agents enrol and connect, and the jobs are placed and started on them. The figure is the time from the
+first submission until all 500 run, against the ideal: the boot latency itself (the jobs stage nothing).
+VMs' agents share processes (``agents_per_process``) — 500 Python processes do not fit this machine — but
+each is still a node of its own with its own key, certificate, connection and jobs.
+
+The peer is that ideal (what an infinitely fast core would achieve on this cloud), so the ratio is our
+overhead. Run: ``.venv/bin/python bench/cloud_burst.py`` (needs ~4 minutes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.harness import print_result, print_table
+from tests.support.core import CoreProcess, wait_for
+
+from skyport.client import AsyncClient
+from skyport.gates.sim import sim_inventory
+from skyport.models import JobState
+
+JOBS = int(os.environ.get("BENCH_JOBS", "500"))
+BOOT_S = float(os.environ.get("BENCH_BOOT_S", "30"))
+REMOTE = "burst"
+SEPARATE = os.environ.get("BENCH_SEPARATE") == "1"
+
+
+async def _submit_all(core: CoreProcess) -> list[str]:
+    """One array job of JOBS tasks (each task a job with a partition of its own), or, with
+    BENCH_SEPARATE=1, JOBS separate submissions from 8 concurrent clients."""
+    async with AsyncClient(core.users["admin"].config, max_connections=8) as client:
+        if not SEPARATE:
+            array = await client.submit(
+                script=f"#!/bin/sh\n#SWM flavor small\n#SWM array 1-{JOBS}\nsleep 600\n"
+            )
+            page = await client.jobs(array=array.array_id or array.id, limit=JOBS + 1)
+            return [j.id for j in page.items]
+        script = "#!/bin/sh\n#SWM flavor small\nsleep 600\n"
+        slots = asyncio.Semaphore(8)
+
+        async def one() -> str:
+            async with slots:
+                return (await client.submit(script=script)).id
+
+        return list(await asyncio.gather(*(one() for _ in range(JOBS))))
+
+
+def _count(core: CoreProcess, state: JobState) -> int:
+    c = core.client()
+    total, after = 0, None
+    while True:
+        page = c.jobs([state], limit=1000, after=after)
+        total += len(page.items)
+        if page.next is None:
+            return total
+        after = page.next
+
+
+STAGES = (
+    ("requested", lambda e: e.reason == "provisioning" and e.message.startswith("Requesting")),
+    ("creating", lambda e: e.reason == "provisioning" and e.message.startswith("Creating")),
+    ("booted", lambda e: e.reason == "provisioning" and e.message.startswith("Booting")),
+    ("placed", lambda e: e.reason == "placed"),
+    ("running", lambda e: e.reason == "started"),
+)
+
+
+def _stages(core: CoreProcess, jobs: list[str]) -> list[tuple[str, ...]]:
+    """When each step happened, from the first submission (median and slowest job): where time goes."""
+    c = core.client()
+    times: dict[str, list[float]] = {name: [] for name, _ in STAGES}
+    first = min(e.time for e in c.events(jobs[0]))
+    for job_id in jobs:
+        for event in c.events(job_id):
+            for name, match in STAGES:
+                if match(event):
+                    times[name].append((event.time - first).total_seconds())
+    rows = []
+    for name, _ in STAGES:
+        found = sorted(times[name])
+        if found:
+            rows.append((name, f"{found[len(found) // 2]:.1f}", f"{found[-1]:.1f}"))
+    return rows
+
+
+def main() -> None:
+    remote = {
+        "kind": "sim",
+        "name": REMOTE,
+        "max_creating": JOBS,
+        "max_nodes": JOBS,
+        "idle_timeout_s": 0,
+        "heartbeat_timeout_s": 120,
+        "sim": {"boot_latency_s": BOOT_S, "agent_heartbeat_s": 10, "agents_per_process": 50},
+    }
+    env = {
+        "SKYPORT_REMOTES": json.dumps([remote]),
+        "SKYPORT_LOCAL__ENABLED": "false",
+        "SKYPORT_LOG_LEVEL": "warning",
+    }
+    with tempfile.TemporaryDirectory(prefix="skyport-bench-") as tmp:
+        core = CoreProcess(Path(tmp) / "home", env=env)
+        core.start()
+        try:
+            started = time.perf_counter()
+            jobs = asyncio.run(_submit_all(core))
+            submitted = time.perf_counter() - started
+            wait_for(lambda: _count(core, JobState.RUNNING) >= JOBS, 600, "every job to run", interval=0.5)
+            all_running = time.perf_counter() - started
+            failed = _count(core, JobState.FAILED)
+            stages = _stages(core, jobs)
+            c = core.client()
+            for job_id in jobs:
+                c.cancel(job_id)
+            state_dir = core.home / "sim" / REMOTE
+            wait_for(
+                lambda: sim_inventory(state_dir, netns=False).empty, 300, "every VM to be deleted", interval=1
+            )
+        finally:
+            core.cleanup()
+    ideal = BOOT_S
+    ratio = all_running / ideal
+    print_table(
+        f"{JOBS} cloud jobs on sim, {BOOT_S:.0f} s boot latency, a partition each",
+        [
+            ("submitted (s)", f"{submitted:.1f}"),
+            ("all running (s)", f"{all_running:.1f}"),
+            ("ideal: boot latency (s)", f"{ideal:.1f}"),
+            ("ratio (target <= 1.3)", f"{ratio:.2f}"),
+            ("failed", str(failed)),
+        ],
+        ("figure", "value"),
+    )
+    print_table("When each step happened (s after the first submission)", stages, ("step", "median", "last"))
+    print_result(
+        {
+            "jobs": JOBS,
+            "submit_s": round(submitted, 3),
+            "all_running_s": round(all_running, 3),
+            "ideal_s": ideal,
+            "ratio": round(ratio, 3),
+        }
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,532 @@
+"""The provisioning loop: elastic partitions from request to deletion, whatever fails in between.
+
+Level-triggered over the partition rows (server/store/partitions.py): each pass takes every partition
+with something to do and performs one idempotent step for it, many partitions at once. The scheduler
+writes a partition's row together with its job's placement; this loop calls the provider only after
+that, with our partition id as the idempotency key and as a tag, so a ``kill -9`` at any moment is
+resumed by the next pass of the next core: a create is repeated (the provider answers with what exists),
+a delete is repeated until the provider confirms. The garbage collector deletes anything the provider
+holds with our tag that no live row owns.
+
+Steps (each with a deadline, transient provider errors retried with backoff):
+
+- ``requested``: make one bootstrap token per node, ask the provider to create -> ``creating``;
+- ``creating``: the provider says the machines are up -> ``booting``;
+- ``booting``: every node's agent has enrolled and is up -> the job is placed on them -> ``in_use``;
+- ``in_use``: no active job on it any more -> ``idle`` (kept warm for the same account and flavor);
+- ``idle``: a job was placed on it again -> ``in_use``; idle past the remote's timeout -> ``deleting``;
+- ``failed`` -> ``deleting``; ``deleting``: delete until the provider confirms -> ``deleted``.
+
+A create that fails fails the job (reason ``provision_failed``, with the provider's words) and deletes
+whatever was made; a job canceled while its partition is being made gets its partition deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+from sqlalchemy import Connection
+
+from skyport.gates.provisioner import (
+    TAG_CORE,
+    TAG_PARTITION,
+    Catalog,
+    NodeBootstrap,
+    PartitionRequest,
+    PartitionStatus,
+    ProvisionerError,
+    ProvisionerGate,
+)
+from skyport.models import JobState
+from skyport.models.job import ACTIVE_STATES
+from skyport.server.clock import Clock
+from skyport.server.lifecycle.wakeup import JobNotifier, Wakeup
+from skyport.server.settings import CloudRemoteSettings
+from skyport.server.store import enrolment as enrol_store
+from skyport.server.store import jobs as job_store
+from skyport.server.store import partitions as partition_store
+from skyport.server.store.engine import Store
+
+log = structlog.get_logger(__name__)
+
+#: Steps running at once (each is mostly waiting on a provider).
+PARALLEL_STEPS = 256
+GC_INTERVAL_S = 60.0
+CATALOG_INTERVAL_S = 600.0
+#: How often a partition being created or booted is checked with its provider.
+POLL_INTERVAL_S = 1.0
+#: A provider call that does not answer in this long counts as a transient failure.
+CALL_TIMEOUT_S = 60.0
+
+WAITING = frozenset({JobState.SCHEDULED})
+
+
+class ProvisioningLoop:
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock,
+        notifier: JobNotifier,
+        *,
+        provisioners: dict[str, ProvisionerGate],
+        remotes: dict[str, CloudRemoteSettings],
+        core_id: str,
+        core_url: Callable[[], str],
+        ca_pem: Callable[[], str],
+        on_placed: Callable[[], None],
+        on_capacity: Callable[[], None],
+        on_nodes_gone: Callable[[list[str], str], None] = lambda ids, why: None,
+        interval_s: float = 1.0,
+    ) -> None:
+        self.wakeup = Wakeup()
+        self._store = store
+        self._clock = clock
+        self._notifier = notifier
+        self._provisioners = provisioners
+        self._remotes = remotes
+        self._core_id = core_id
+        self._core_url = core_url
+        self._ca_pem = ca_pem
+        self._on_placed = on_placed
+        self._on_capacity = on_capacity
+        self._on_nodes_gone = on_nodes_gone
+        self._interval = interval_s
+        self._busy: set[str] = set()
+        self._polled: dict[str, float] = {}  # partition id -> when its provider was last asked
+        self._catalogs: dict[str, Catalog] = {}  # remote id -> its catalog as last read
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(PARALLEL_STEPS)
+        self._last_gc = float("-inf")
+        self._last_catalog = float("-inf")
+
+    # -- the loop ------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.pass_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("provisioning pass failed; retrying")
+            await self.wakeup.wait(self._interval)
+
+    async def pass_once(self) -> None:
+        if not self._provisioners:
+            return
+        tick = self._clock.monotonic()
+        if tick - self._last_catalog > CATALOG_INTERVAL_S:
+            self._last_catalog = tick
+            self._spawn(self.refresh_catalogs())
+        if tick - self._last_gc > GC_INTERVAL_S:
+            self._last_gc = tick
+            self._spawn(self.collect_garbage())
+        rows = await self._store.read(partition_store.work, self._clock.now())
+        booting = [r.id for r in rows if r.state == "booting"]
+        up = await self._store.read(partition_store.up_counts, booting) if booting else {}
+        for row in rows:
+            if row.id in self._busy or row.remote_id not in self._provisioners:
+                continue
+            if not self._due(row, tick, up.get(row.id, 0)):
+                continue
+            self._busy.add(row.id)
+            self._spawn(self._step(row))
+
+    def _due(self, row: Any, tick: float, nodes_up: int) -> bool:
+        """Whether a partition needs a step in this pass. Waiting on the provider (creating) or on the
+        agents (booting) is polled every POLL_INTERVAL_S, not every pass: hundreds of partitions boot at
+        once. A booting partition whose nodes are all up is placed at once."""
+        if row.state not in ("creating", "booting"):
+            return True
+        if row.state == "booting" and nodes_up >= row.node_count:
+            return True
+        if tick - self._polled.get(row.id, float("-inf")) < POLL_INTERVAL_S and not self._late(row):
+            return False
+        self._polled[row.id] = tick
+        return True
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _step(self, row: Any) -> None:
+        try:
+            async with self._slots:
+                step = getattr(self, f"_on_{row.state}")
+                await step(row)
+        except Exception:
+            log.exception("partition step failed; retried on a later pass", partition=row.id, state=row.state)
+        finally:
+            self._busy.discard(row.id)
+
+    # -- catalog and garbage -------------------------------------------------------------------------
+
+    async def refresh_catalogs(self) -> None:
+        """Flavors and images of every cloud remote, off any request's path."""
+        for remote_id, gate in self._provisioners.items():
+            try:
+                catalog = await asyncio.wait_for(gate.catalog(), CALL_TIMEOUT_S)
+            except (ProvisionerError, TimeoutError) as exc:
+                log.warning("catalog refresh failed", remote=self._name(remote_id), error=str(exc))
+                continue
+            await self._store.write(partition_store.save_catalog, remote_id, catalog)
+            self._catalogs[remote_id] = catalog
+        self._on_capacity()
+
+    async def collect_garbage(self) -> int:
+        """Delete provider partitions with our tag that no live row owns; returns how many."""
+        deleted = 0
+        for remote_id, gate in self._provisioners.items():
+            try:
+                held = await asyncio.wait_for(gate.list_partitions(), CALL_TIMEOUT_S)
+            except (ProvisionerError, TimeoutError) as exc:
+                log.warning("listing partitions failed", remote=self._name(remote_id), error=str(exc))
+                continue
+            live = await self._store.read(partition_store.live_ids)  # read after listing: no race
+            for status in held:
+                ours = status.tags.get(TAG_CORE, self._core_id) == self._core_id
+                if not ours or status.partition_id in live or status.state == "deleted":
+                    continue
+                log.warning(
+                    "deleting an orphaned partition",
+                    remote=self._name(remote_id),
+                    partition=status.partition_id,
+                )
+                with contextlib.suppress(ProvisionerError, TimeoutError):
+                    await asyncio.wait_for(gate.delete_partition(status.partition_id), CALL_TIMEOUT_S)
+                    deleted += 1
+        return deleted
+
+    # -- steps ---------------------------------------------------------------------------------------
+
+    async def _on_requested(self, row: Any) -> None:
+        job = await self._store.read(partition_store.job_of, row.job_id)
+        if not self._wanted(job, row.id):
+            await self._set(row, "deleting", message="its job no longer needs it")
+            return
+        if await self._placed_already(row, job):
+            return
+        remote = self._remotes[row.remote_id]
+        now = self._clock.now()
+        names = [f"{row.name}-{i}" for i in range(row.node_count)]
+        ttl = timedelta(seconds=remote.create_timeout_s + remote.boot_timeout_s)
+        tokens = await self._store.write(_tokens, row.remote_id, row.id, names, ttl, now)
+        request = PartitionRequest(
+            partition_id=row.id,
+            name=row.name,
+            flavor=await self._catalog_flavor(row),
+            image=row.image,
+            nodes=[
+                NodeBootstrap(n, self._core_url(), self._ca_pem(), t)
+                for n, t in zip(names, tokens, strict=True)
+            ],
+            ports=sorted({p["port"] for p in (job.spec.get("ports") or []) if p.get("direction") == "in"}),
+            tags={TAG_PARTITION: row.id, TAG_CORE: self._core_id},
+        )
+        status = await self._call(row, "create", self._provisioners[row.remote_id].create_partition(request))
+        if status is None:
+            return
+        deadline = self._clock.now() + timedelta(seconds=remote.create_timeout_s)
+        await self._advance(
+            row,
+            f"Creating {row.node_count} node(s) of {row.flavor_name or row.flavor_id} on {remote.name}",
+            state="creating",
+            provider_id=status.provider_id,
+            step_deadline=deadline,
+            message=status.message,
+        )
+        await self._after_create(row, status)
+
+    async def _on_creating(self, row: Any) -> None:
+        job = await self._store.read(partition_store.job_of, row.job_id)
+        if not self._wanted(job, row.id):
+            await self._set(row, "deleting", message="its job no longer needs it")
+            return
+        if await self._placed_already(row, job):
+            return
+        status = await self._call(row, "check", self._provisioners[row.remote_id].get_partition(row.id))
+        if status is None:
+            return
+        await self._after_create(row, status)
+
+    async def _after_create(self, row: Any, status: PartitionStatus) -> None:
+        remote = self._remotes[row.remote_id]
+        if status.state == "ready":
+            deadline = self._clock.now() + timedelta(seconds=remote.boot_timeout_s)
+            await self._advance(
+                row,
+                f"Booting {row.node_count} node(s) of {remote.name}: waiting for their agents",
+                state="booting",
+                step_deadline=deadline,
+                message=status.message,
+            )
+            self.wakeup.ring()
+        elif status.state in ("failed", "deleted", "deleting"):
+            await self._fail(row, status.message or f"the provider reports the partition {status.state}")
+        elif self._late(row):
+            await self._fail(row, f"the provider did not create it within {remote.create_timeout_s:.0f}s")
+
+    async def _on_booting(self, row: Any) -> None:
+        job = await self._store.read(partition_store.job_of, row.job_id)
+        if not self._wanted(job, row.id):
+            await self._set(row, "deleting", message="its job no longer needs it")
+            return
+        if await self._placed_already(row, job):
+            return
+        nodes = await self._store.read(partition_store.node_states, row.id)
+        up = [n for n in nodes if n.state_power == "up"]
+        if len(up) >= row.node_count:
+            placed = await self._store.write(
+                _place, row.job_id, row.remote_id, row.id, up[: row.node_count], self._clock.now()
+            )
+            if placed:
+                self._notifier.changed(row.job_id)
+                self._on_placed()
+            return
+        # The provider may know better (a VM that died while booting): ask it.
+        status = await self._call(row, "check", self._provisioners[row.remote_id].get_partition(row.id))
+        if status is _NOTHING or (status is not None and status.state in ("failed", "deleted", "deleting")):
+            reason = status.message if status is not None and status is not _NOTHING else ""
+            await self._fail(row, reason or "the provider no longer has the partition")
+            return
+        if self._late(row):
+            remote = self._remotes[row.remote_id]
+            await self._fail(
+                row,
+                f"{row.node_count - len(up)} of {row.node_count} node(s) did not join within "
+                f"{remote.boot_timeout_s:.0f}s (their agents never connected)",
+            )
+
+    async def _on_in_use(self, row: Any) -> None:
+        active = await self._store.read(partition_store.active_jobs_on, row.id)
+        if active:
+            if row.job_id not in active:
+                await self._set(row, "in_use", job_id=active[0])
+            return
+        await self._set(row, "idle", idle_since=self._clock.now(), charged_until=self._clock.now())
+        self._on_capacity()
+
+    async def _on_idle(self, row: Any) -> None:
+        active = await self._store.read(partition_store.active_jobs_on, row.id)
+        now = self._clock.now()
+        if active:
+            await self._store.write(partition_store.charge_idle, row.id, now)
+            await self._set(row, "in_use", job_id=active[0], idle_since=None)
+            return
+        remote = self._remotes[row.remote_id]
+        nodes = await self._store.read(partition_store.node_states, row.id)
+        gone = any(n.state_power != "up" for n in nodes) or len(nodes) < row.node_count
+        if gone or (now - row.idle_since).total_seconds() >= remote.idle_timeout_s:
+            await self._store.write(partition_store.charge_idle, row.id, now)
+            await self._set(row, "deleting", message="idle" if not gone else "a node of it was lost")
+
+    async def _on_failed(self, row: Any) -> None:
+        await self._set(row, "deleting")
+
+    async def _on_deleting(self, row: Any) -> None:
+        gate = self._provisioners[row.remote_id]
+        if (
+            await self._call(row, "delete", gate.delete_partition(row.id), fail_job=False, quiet_ok=True)
+            is None
+        ):
+            return
+        status = await self._call(row, "check", gate.get_partition(row.id), fail_job=False, quiet_ok=True)
+        if status is not None and status is not _NOTHING and status.state != "deleted":
+            await self._set(row, "deleting", next_try_at=self._clock.now() + timedelta(seconds=1))
+            return
+        nodes = await self._store.read(partition_store.node_states, row.id)
+        if nodes:  # anything still running there ended with the machines
+            self._on_nodes_gone(
+                [n.id for n in nodes], f"partition {row.name} was deleted ({row.message or 'gone'})"
+            )
+        await self._store.write(partition_store.forget_nodes, row.id)
+        await self._set(row, "deleted", step_deadline=None)
+        self._polled.pop(row.id, None)
+        log.info("partition deleted", partition=row.id, remote=self._name(row.remote_id))
+        self._on_capacity()
+
+    # -- helpers -------------------------------------------------------------------------------------
+
+    def _wanted(self, job: Any, partition_id: str) -> bool:
+        """Whether the partition's job still waits for it (or, placed already, runs on it)."""
+        return (
+            job is not None
+            and job.state in {s.value for s in ACTIVE_STATES}
+            and job.partition_id == partition_id
+            and not job.cancel_requested
+            and not job.requeue_requested
+        )
+
+    async def _placed_already(self, row: Any, job: Any) -> bool:
+        """The job is on the partition's nodes already (a placement whose step was cut short): in use."""
+        if job is not None and job.node_ids and job.partition_id == row.id:
+            await self._set(row, "in_use", step_deadline=None)
+            return True
+        return False
+
+    def _late(self, row: Any) -> bool:
+        return row.step_deadline is not None and self._clock.now() >= row.step_deadline
+
+    def _name(self, remote_id: str) -> str:
+        remote = self._remotes.get(remote_id)
+        return remote.name if remote else remote_id
+
+    async def _catalog_flavor(self, row: Any) -> str:
+        """The provider's id of the partition's flavor, from the catalog last read (read again if the
+        flavor is not in it): creating hundreds of partitions asks the provider's catalog once."""
+        catalog = self._catalogs.get(row.remote_id)
+        if catalog is None or not any(
+            partition_store.flavor_id_for(row.remote_id, f.id) == row.flavor_id for f in catalog.flavors
+        ):
+            catalog = await asyncio.wait_for(self._provisioners[row.remote_id].catalog(), CALL_TIMEOUT_S)
+            self._catalogs[row.remote_id] = catalog
+        for flavor in catalog.flavors:
+            if partition_store.flavor_id_for(row.remote_id, flavor.id) == row.flavor_id:
+                return flavor.id
+        raise ProvisionerError(f"flavor {row.flavor_name or row.flavor_id} is no longer offered")
+
+    async def _call(
+        self, row: Any, what: str, call: Any, *, fail_job: bool = True, quiet_ok: bool = False
+    ) -> Any:
+        """Await a provider call with a deadline; on failure retry later (transient) or fail the partition.
+
+        Returns the call's result (``_NOTHING`` for None), or None when it failed.
+        """
+        remote = self._remotes[row.remote_id]
+        try:
+            result = await asyncio.wait_for(call, CALL_TIMEOUT_S)
+        except (ProvisionerError, TimeoutError, OSError) as exc:
+            text = str(exc) or f"the provider did not answer {what} within {CALL_TIMEOUT_S:.0f}s"
+            transient = isinstance(exc, (TimeoutError, OSError)) or getattr(exc, "transient", False)
+            attempts = row.attempts + 1
+            if (transient or not fail_job) and (attempts < remote.attempts or not fail_job):
+                wait = remote.backoff_s * 2 ** min(attempts - 1, 6)
+                await self._set(
+                    row,
+                    row.state,
+                    attempts=attempts,
+                    next_try_at=self._clock.now() + timedelta(seconds=wait),
+                    message=text,
+                )
+                log.warning(
+                    "provider call failed; retrying",
+                    what=what,
+                    partition=row.id,
+                    error=text,
+                    attempt=attempts,
+                )
+                if fail_job:
+                    await self._job_progress(row, f"{remote.name}: {text} (retrying)")
+                return None
+            await self._fail(row, text)
+            return None
+        if row.attempts:
+            await self._set(row, row.state, attempts=0, next_try_at=None)
+        return _NOTHING if result is None else result
+
+    async def _fail(self, row: Any, message: str) -> None:
+        """The partition cannot be made: its job fails with the provider's words; what exists is deleted."""
+        remote = self._remotes[row.remote_id]
+        text = f"Could not get capacity from {remote.name}: {message}"
+        log.warning("partition failed", partition=row.id, remote=remote.name, error=message)
+        now = self._clock.now()
+        change = job_store.StateChange(
+            row.job_id, JobState.FAILED, "provision_failed", text, WAITING, {"end_time": now}
+        )
+        # One transaction: a crash never leaves a failed partition whose job still waits for it.
+        applied = await self._store.write(_fail_job, change, row.id, now, message)
+        if applied:
+            self._notifier.changed(row.job_id)
+            self._on_capacity()
+        self.wakeup.ring()
+
+    async def _advance(self, row: Any, job_message: str, **values: Any) -> None:
+        """A partition's next step and its job's progress event, in one transaction."""
+        change = job_store.StateChange(row.job_id, JobState.SCHEDULED, "provisioning", job_message, WAITING)
+        applied = await self._store.write(_advance, row.id, change, self._clock.now(), values)
+        if applied:
+            self._notifier.changed(row.job_id)
+
+    async def _job_progress(self, row: Any, message: str) -> None:
+        change = job_store.StateChange(row.job_id, JobState.SCHEDULED, "provisioning", message, WAITING)
+        applied = await self._store.write(_progress, change, row.id, self._clock.now())
+        if applied:
+            self._notifier.changed(row.job_id)
+
+    async def _set(self, row: Any, state: str, **values: Any) -> None:
+        await self._store.write(partition_store.set_state, row.id, self._clock.now(), state=state, **values)
+
+
+#: A call that succeeded with nothing to return (``get_partition`` of a partition that is gone).
+_NOTHING: Any = object()
+
+
+def _tokens(
+    conn: Connection, remote_id: str, partition_id: str, names: list[str], ttl: timedelta, now: datetime
+) -> list[str]:
+    return [
+        enrol_store.create_bootstrap_token(
+            conn, remote_id=remote_id, node_name=name, ttl=ttl, now=now, partition_id=partition_id
+        )
+        for name in names
+    ]
+
+
+def _place(
+    conn: Connection, job_id: str, remote_id: str, partition_id: str, nodes: list[Any], now: datetime
+) -> bool:
+    change = job_store.StateChange(
+        job_id,
+        JobState.SCHEDULED,
+        "placed",
+        f"Placed on {', '.join(n.name for n in nodes)}",
+        WAITING,
+        {
+            "remote_id": remote_id,
+            "node_ids": [n.id for n in nodes],
+            "node_names": [n.name for n in nodes],
+            "node_ips": [n.ip or n.host for n in nodes],
+        },
+    )
+    current = partition_store.job_of(conn, job_id)
+    if current is None or current.partition_id != partition_id:
+        return False
+    placed = bool(job_store.transition(conn, [change], now))
+    if placed:  # in the same transaction: a crash never leaves a placed job on a "booting" partition
+        partition_store.set_state(conn, partition_id, now, state="in_use", step_deadline=None, message="")
+    return placed
+
+
+def _advance(
+    conn: Connection, partition_id: str, change: job_store.StateChange, now: datetime, values: dict[str, Any]
+) -> bool:
+    partition_store.set_state(conn, partition_id, now, **values)
+    return _progress(conn, change, partition_id, now)
+
+
+def _progress(conn: Connection, change: job_store.StateChange, partition_id: str, now: datetime) -> bool:
+    current = partition_store.job_of(conn, change.job_id)
+    if current is None or current.partition_id != partition_id:
+        return False
+    return bool(job_store.transition(conn, [change], now))
+
+
+def _fail_job(
+    conn: Connection, change: job_store.StateChange, partition_id: str, now: datetime, message: str
+) -> bool:
+    partition_store.set_state(conn, partition_id, now, state="failed", message=message, step_deadline=None)
+    current = partition_store.job_of(conn, change.job_id)
+    if current is None or current.partition_id != partition_id:
+        return False
+    return bool(job_store.transition(conn, [change], now))

@@ -1,0 +1,259 @@
+"""Elastic partitions: rows the provisioning loop drives, catalogs of cloud remotes, and costs.
+
+A partition's row is written before any provider call (intent first), with our id, which is also the
+idempotency key and the tag the provider's resources carry. States::
+
+    requested -> creating -> booting -> in_use <-> idle -> deleting -> deleted
+                         \\-> failed -> deleting
+
+``booting``: the provider says the machines are up; the agents have not all enrolled yet. ``in_use``:
+a job runs (or is about to) on its nodes. ``idle``: kept warm for another job of the same account,
+flavor and image until the remote's idle timeout.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, delete, func, insert, select, update
+
+from skyport.gates.provisioner import Catalog
+from skyport.models.job import ACTIVE_STATES, TERMINAL_STATES
+from skyport.server.store.tables import accounts, flavors, images, jobs, nodes, partitions, tokens
+
+#: States in which a partition holds (or is getting) provider resources.
+LIVE = ("requested", "creating", "booting", "in_use", "idle", "deleting", "failed")
+#: States counted against a remote's ``max_creating``.
+CREATING = ("requested", "creating", "booting")
+#: States whose nodes the scheduler may place jobs on.
+SCHEDULABLE = ("in_use", "idle")
+
+
+def flavor_id_for(remote_id: str, catalog_id: str) -> str:
+    return str(uuid.uuid5(uuid.UUID(remote_id), f"flavor:{catalog_id}"))
+
+
+def image_id_for(remote_id: str, catalog_id: str) -> str:
+    return str(uuid.uuid5(uuid.UUID(remote_id), f"image:{catalog_id}"))
+
+
+def save_catalog(conn: Connection, remote_id: str, catalog: Catalog) -> None:
+    """Make the remote's flavors and images what the provider offers now."""
+    wanted = {flavor_id_for(remote_id, f.id): f for f in catalog.flavors}
+    known = {r.id for r in conn.execute(select(flavors.c.id).where(flavors.c.remote_id == remote_id))}
+    for flavor_id, f in wanted.items():
+        values = {
+            "name": f.name,
+            "cpus": f.cpus,
+            "mem": f.mem,
+            "gpus": f.gpus,
+            "storage": f.storage,
+            "price": f.price,
+        }
+        if flavor_id in known:
+            conn.execute(update(flavors).where(flavors.c.id == flavor_id).values(**values))
+        else:
+            conn.execute(insert(flavors), {"id": flavor_id, "remote_id": remote_id, **values})
+    gone = known - wanted.keys()
+    if gone:
+        conn.execute(delete(flavors).where(flavors.c.id.in_(gone)))
+    wanted_images = {image_id_for(remote_id, i.id): i for i in catalog.images}
+    known_images = {r.id for r in conn.execute(select(images.c.id).where(images.c.remote_id == remote_id))}
+    for image_id, i in wanted_images.items():
+        values = {"name": i.name, "kind": i.kind, "comment": i.comment}
+        if image_id in known_images:
+            conn.execute(update(images).where(images.c.id == image_id).values(**values))
+        else:
+            conn.execute(insert(images), {"id": image_id, "remote_id": remote_id, **values})
+    gone_images = known_images - wanted_images.keys()
+    if gone_images:
+        conn.execute(delete(images).where(images.c.id.in_(gone_images)))
+
+
+def flavor_rows(conn: Connection, remote_ids: list[str]) -> list[Any]:
+    if not remote_ids:
+        return []
+    return list(conn.execute(select(flavors).where(flavors.c.remote_id.in_(remote_ids))))
+
+
+def creating_counts(conn: Connection) -> dict[str, int]:
+    """Partitions being created now, per remote."""
+    rows = conn.execute(
+        select(partitions.c.remote_id, func.count())
+        .where(partitions.c.state.in_(CREATING), partitions.c.static.is_(False))
+        .group_by(partitions.c.remote_id)
+    )
+    return {r[0]: int(r[1]) for r in rows}
+
+
+@dataclass(frozen=True)
+class NewPartition:
+    id: str
+    remote_id: str
+    name: str
+    flavor_id: str
+    image: str | None
+    account_id: str
+    job_id: str
+    node_count: int
+    price: float
+
+
+def insert_partition(conn: Connection, p: NewPartition, now: datetime) -> None:
+    conn.execute(
+        insert(partitions),
+        {
+            "id": p.id,
+            "remote_id": p.remote_id,
+            "name": p.name,
+            "state": "requested",
+            "static": False,
+            "created_at": now,
+            "updated_at": now,
+            "flavor_id": p.flavor_id,
+            "image": p.image,
+            "account_id": p.account_id,
+            "job_id": p.job_id,
+            "node_count": p.node_count,
+            "price": p.price,
+            "charged_until": now,
+        },
+    )
+
+
+def work(conn: Connection, now: datetime) -> list[Any]:
+    """Elastic partitions the loop has something to do for (not deleted; not backing off)."""
+    query = (
+        select(partitions, flavors.c.name.label("flavor_name"))
+        .outerjoin(flavors, flavors.c.id == partitions.c.flavor_id)
+        .where(
+            partitions.c.static.is_(False),
+            partitions.c.state.in_(LIVE),
+            (partitions.c.next_try_at.is_(None)) | (partitions.c.next_try_at <= now),
+        )
+        .order_by(partitions.c.created_at)
+    )
+    return list(conn.execute(query))
+
+
+def get(conn: Connection, partition_id: str) -> Any:
+    return conn.execute(select(partitions).where(partitions.c.id == partition_id)).first()
+
+
+def set_state(conn: Connection, /, partition_id: str, now: datetime, **values: Any) -> None:
+    conn.execute(update(partitions).where(partitions.c.id == partition_id).values(updated_at=now, **values))
+
+
+def node_states(conn: Connection, partition_id: str) -> list[Any]:
+    return list(
+        conn.execute(
+            select(nodes.c.id, nodes.c.name, nodes.c.ip, nodes.c.host, nodes.c.state_power).where(
+                nodes.c.partition_id == partition_id
+            )
+        )
+    )
+
+
+def up_counts(conn: Connection, partition_ids: list[str]) -> dict[str, int]:
+    """How many nodes of each partition are up (one query for many partitions)."""
+    if not partition_ids:
+        return {}
+    rows = conn.execute(
+        select(nodes.c.partition_id, func.count())
+        .where(nodes.c.partition_id.in_(partition_ids), nodes.c.state_power == "up")
+        .group_by(nodes.c.partition_id)
+    )
+    return {r[0]: int(r[1]) for r in rows}
+
+
+def job_of(conn: Connection, job_id: str | None) -> Any:
+    if job_id is None:
+        return None
+    return conn.execute(
+        select(
+            jobs.c.id,
+            jobs.c.state,
+            jobs.c.partition_id,
+            jobs.c.cancel_requested,
+            jobs.c.requeue_requested,
+            jobs.c.attempt,
+            jobs.c.spec,
+            jobs.c.node_ids,
+        ).where(jobs.c.id == job_id)
+    ).first()
+
+
+def active_jobs_on(conn: Connection, partition_id: str) -> list[str]:
+    rows = conn.execute(
+        select(jobs.c.id).where(
+            jobs.c.partition_id == partition_id, jobs.c.state.in_([s.value for s in ACTIVE_STATES])
+        )
+    )
+    return [r.id for r in rows]
+
+
+def forget_nodes(conn: Connection, partition_id: str) -> None:
+    """The partition is gone: its nodes and any unused enrolment tokens go too."""
+    conn.execute(delete(nodes).where(nodes.c.partition_id == partition_id))
+    conn.execute(delete(tokens).where(tokens.c.partition_id == partition_id))
+
+
+def charge_idle(conn: Connection, partition_id: str, now: datetime) -> float:
+    """Charge the partition's account for time it was kept without a job (warm); returns the cost."""
+    row = get(conn, partition_id)
+    if row is None or row.idle_since is None or row.account_id is None:
+        return 0.0
+    since = max(row.idle_since, row.charged_until or row.idle_since)
+    hours = max(0.0, (now - since).total_seconds()) / 3600.0
+    cost = float(row.price * row.node_count * hours)
+    conn.execute(
+        update(accounts).where(accounts.c.id == row.account_id).values(spend=accounts.c.spend + cost)
+    )
+    conn.execute(update(partitions).where(partitions.c.id == partition_id).values(charged_until=now))
+    return cost
+
+
+def charge_jobs(conn: Connection, job_ids: list[str], now: datetime) -> None:
+    """Jobs on elastic partitions that just ended (or were requeued): record their cost, charge accounts.
+
+    Cost = the partition's price x its nodes x the hours since the job was scheduled (which, on a new
+    partition, is when its creation was asked for: boot and staging time count).
+    """
+    if not job_ids:
+        return
+    rows = conn.execute(
+        select(
+            jobs.c.id,
+            jobs.c.account_id,
+            jobs.c.scheduled_time,
+            jobs.c.cost,
+            partitions.c.price,
+            partitions.c.node_count,
+        )
+        .join(partitions, partitions.c.id == jobs.c.partition_id)
+        .where(jobs.c.id.in_(job_ids))
+    )
+    for row in rows:
+        if row.scheduled_time is None:
+            continue
+        hours = max(0.0, (now - row.scheduled_time).total_seconds()) / 3600.0
+        cost = row.price * row.node_count * hours
+        conn.execute(update(jobs).where(jobs.c.id == row.id).values(cost=row.cost + cost))
+        conn.execute(
+            update(accounts).where(accounts.c.id == row.account_id).values(spend=accounts.c.spend + cost)
+        )
+
+
+def ended(state: str) -> bool:
+    return state in {s.value for s in TERMINAL_STATES}
+
+
+def live_ids(conn: Connection) -> set[str]:
+    """Ids of partitions that should exist at the provider (for the garbage collector)."""
+    rows = conn.execute(
+        select(partitions.c.id).where(partitions.c.static.is_(False), partitions.c.state.in_(LIVE))
+    )
+    return {r.id for r in rows}
