@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from skyport.gates.sim import sim_inventory
-from skyport.models import JobState
+from skyport.models import JobSpec, JobState
 from tests.support.core import CoreProcess, wait_for
 
 REMOTE = "cloud"
@@ -144,3 +144,22 @@ def test_vms_may_share_an_agent_process_yet_stay_separate_nodes(
     assert {c.log(j).decode().strip() for j in jobs} == nodes
     assert len(list((core.home / "sim" / REMOTE / "pools").iterdir())) == 1, "their agents shared a process"
     wait_for(lambda: _inventory_empty(core), 30, "the VMs and their shared agent process to be gone")
+
+
+def test_a_preempted_spot_partition_requeues_its_job_which_runs_again(
+    make_core: Callable[..., CoreProcess],
+) -> None:
+    core = make_core({"preempt_after_s": 1.0}, check_interval_s=0.5)
+    c = core.client()
+    script = (
+        "#!/bin/sh\n"
+        'if [ "$SKYPORT_ATTEMPT" = 1 ]; then echo first; sleep 120; fi\n'  # the spot VM goes meanwhile
+        "echo again\n"
+    )
+    job = c.submit(JobSpec(script=script, flavor="small", preemptible=True))
+    assert _ended(core, job.id, timeout=90) is JobState.COMPLETED
+    done = c.job(job.id)
+    assert done.attempt == 2 and c.log(job.id) == b"again\n"
+    reasons = [e.reason for e in c.events(job.id)]
+    assert "preempted" in reasons and "node_lost" not in reasons, reasons
+    wait_for(lambda: _inventory_empty(core), 30, "the partitions to be gone")

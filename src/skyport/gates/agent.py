@@ -323,11 +323,12 @@ class AgentHub:
     def queue_cancel(self, job_id: str, grace_s: float) -> None:
         self._pending_cancel[job_id] = grace_s
 
-    def node_lost(self, node_id: str, message: str) -> int:
-        """The node stopped answering: every attempt on it ends with reason ``node_lost``."""
+    def node_lost(self, node_id: str, message: str, reason: str = "node_lost") -> int:
+        """The node stopped answering (or was taken back: ``reason`` ``preempted``): every attempt on it
+        ends with that reason."""
         lost = [a for a in self._attempts.values() if a.node_id == node_id and not a.ended]
         for attempt in lost:
-            self._deliver(attempt, Exit(None, None, "node_lost", message))
+            self._deliver(attempt, Exit(None, None, reason, message))
         return len(lost)
 
     # -- tunnels ---------------------------------------------------------------------------------------

@@ -30,16 +30,13 @@ from typing import Any, Generic, Literal, Protocol, TypeVar
 import structlog
 from pydantic import BaseModel, Field
 
-from skyport.gates.provisioner import PartitionStatus, ProvisionerError
+from skyport.gates.provisioner import TAG_PREEMPTIBLE, PartitionStatus, ProvisionerError
 from skyport.server.settings import ProviderRemoteSettings
 
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
-#: A tag a partition request carries when its job accepts preemptible (spot) capacity; the provisioning
-#: loop sets it from the job (label ``preemptible=true``, a TES task's ``preemptible``).
-TAG_PREEMPTIBLE = "skyport-preemptible"
 #: Our tag with the node's name, on every VM.
 TAG_NODE = "skyport-node"
 #: How long a catalog load waits for prices nobody has fetched yet (then the price table serves, and the
@@ -70,10 +67,8 @@ class CloudError(ProvisionerError):
 
 @dataclass(frozen=True)
 class CloudPartitionStatus(PartitionStatus):
-    """A status with a machine-readable ``reason`` for the loop: ``preempted`` when the provider took the
-    spot capacity back (state ``failed``): the job is to be requeued, not failed."""
-
-    reason: str = ""
+    """A status whose ``reason`` is ``preempted`` when the provider took the spot capacity back (state
+    ``failed``): the job is to be requeued, not failed (the field lives in :class:`PartitionStatus`)."""
 
 
 class CheckItem(BaseModel):

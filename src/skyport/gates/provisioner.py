@@ -27,6 +27,9 @@ PartitionState = Literal["creating", "ready", "failed", "deleting", "deleted"]
 #: Tag keys every provider resource of ours carries.
 TAG_PARTITION = "skyport-partition"
 TAG_CORE = "skyport-core"
+#: Carried by a request whose job accepts preemptible (spot) capacity.
+TAG_PREEMPTIBLE = "skyport-preemptible"
+PREEMPTED = "preempted"
 
 
 class ProvisionerError(Exception):
@@ -104,6 +107,9 @@ class PartitionStatus:
     message: str = ""  # the provider's words about the latest step (or failure)
     nodes: list[ProvisionedNode] = field(default_factory=list)
     tags: dict[str, str] = field(default_factory=dict)
+    #: Why it failed, machine-readable, when that matters to the job: ``preempted`` (spot capacity taken
+    #: back: the job is requeued, not failed).
+    reason: str = ""
 
 
 class ProvisionerGate(Protocol):

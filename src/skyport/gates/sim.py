@@ -63,6 +63,8 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from skyport.agent.pool import PoolMember
 from skyport.gates.provisioner import (
+    PREEMPTED,
+    TAG_PREEMPTIBLE,
     Catalog,
     CatalogFlavor,
     CatalogImage,
@@ -182,6 +184,9 @@ class SimConfig(BaseModel):
     agent_command: list[str] | None = None
     #: Where VM workroots are made (must be traversable by the job accounts); None: the temp dir.
     workroot_parent: Path | None = None
+    #: Spot capacity: a partition asked for as preemptible is taken back this many seconds after it is
+    #: ready (None: never).
+    preempt_after_s: float | None = Field(default=None, gt=0)
     #: VMs whose agents share one process (``skyport agent-pool``; not with ``netns``). 1: a process per
     #: VM. Each VM keeps its own key, certificate, connection and jobs; only the interpreter is shared,
     #: which is what lets hundreds of VMs run on one small machine.
@@ -240,6 +245,9 @@ class PartitionRecord:
     tags: dict[str, str] = field(default_factory=dict)
     message: str = ""
     delete_at: float | None = None
+    #: When it became ready (for spot preemption), and why it failed (``preempted``).
+    ready_at: float | None = None
+    reason: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         data = dict(self.__dict__)
@@ -437,6 +445,7 @@ def _status(record: PartitionRecord) -> PartitionStatus:
         message=record.message,
         nodes=nodes,
         tags=dict(record.tags),
+        reason=record.reason,
     )
 
 
@@ -910,12 +919,30 @@ class SimGate:
                 await self._boot(record)
             elif record.state == "ready":
                 await self._check_alive(record)
+                await self._maybe_preempt(record, now)
             elif record.state == "deleting":
                 await self._destroy(record)
                 if record.delete_at is None or now >= record.delete_at:
                     await self._forget(record)
                     return None
             return record
+
+    async def _maybe_preempt(self, record: PartitionRecord, now: float) -> None:
+        """Spot capacity: a preemptible partition is taken back ``preempt_after_s`` after it was ready."""
+        after = self.config.preempt_after_s
+        if after is None or record.state != "ready" or record.ready_at is None:
+            return
+        if record.tags.get(TAG_PREEMPTIBLE, "").lower() != "true" or now - record.ready_at < after:
+            return
+        markers = [m for i in record.instances for m in (i.workroot, str(Path(i.vm_dir) / "agent"))]
+        for instance in record.instances:
+            if instance.pool:
+                await asyncio.to_thread((Path(instance.pool) / f"{instance.id}.json").unlink, True)
+        await asyncio.to_thread(_kill_all, markers, [i.netns for i in record.instances if i.netns])
+        record.state, record.reason = "failed", PREEMPTED
+        record.message = f"SpotInterruption: the sim took {record.name}'s spot capacity back"
+        await self._save(record)
+        log.info("sim: partition preempted", partition=record.partition_id)
 
     async def _boot(self, record: PartitionRecord) -> None:
         if self._draw(self.config.boot_failure_rate):
@@ -941,6 +968,7 @@ class SimGate:
             await self._save(record)
             return
         record.state = "ready"
+        record.ready_at = self._clock()
         record.message = f"{len(record.instances)} instance(s) running"
         await self._save(record)
         log.info("sim: partition ready", partition=record.partition_id)

@@ -210,6 +210,8 @@ class JobSpec(BaseModel):
     relocatable: bool = True
     #: Whole nodes: no other job shares the job's nodes while it runs.
     exclusive: bool = False
+    #: It may run on preemptible (spot) capacity; if that is taken back, it is requeued.
+    preemptible: bool = False
     input_files: list[str] = Field(default_factory=list)
     output_files: list[str] = Field(default_factory=list)
     #: Inputs fetched from URLs or given inline, and outputs delivered to URLs (staging).

@@ -162,10 +162,10 @@ class Core:
         self.scheduler.capacity_changed()
         self.provisioning.wakeup.ring()
 
-    def _nodes_gone(self, node_ids: list[str], why: str) -> None:
-        """Machines were deleted: whatever still ran on them ended with them."""
+    def _nodes_gone(self, node_ids: list[str], why: str, reason: str = "node_lost") -> None:
+        """Machines were deleted (or preempted): whatever still ran on them ended with them."""
         for node_id in node_ids:
-            self.agents.node_lost(node_id, why)
+            self.agents.node_lost(node_id, why, reason)
 
     def public_url(self) -> str:
         """The URL nodes reach this core at."""

@@ -247,6 +247,8 @@ class CloudRemoteSettings(RemoteSettingsBase):
     attempts: int = Field(default=5, ge=1)
     backoff_s: float = Field(default=1.0, ge=0)
     heartbeat_timeout_s: float = Field(default=60.0, gt=0)
+    #: How often a partition in use is checked with its provider (spot capacity can be taken back).
+    check_interval_s: float = Field(default=30.0, gt=0)
     default_image: str | None = None
     #: The currency of the catalog's prices (shown with costs).
     currency: str = "USD"

@@ -46,6 +46,13 @@ def decide(exit: Exit, flags: EndFlags) -> Outcome:
         return Outcome(
             JobState.CANCELED, "canceled", f"Canceled by {flags.canceled_by or 'an administrator'}", recorded
         )
+    if exit.reason == "preempted":  # spot capacity taken back: not the job's fault, it runs again
+        return Outcome(
+            JobState.QUEUED,
+            "preempted",
+            f"Preempted: {exit.message}; attempt {flags.attempt + 1} is waiting to be scheduled",
+            requeue_values(flags.attempt),
+        )
     if flags.walltime_exceeded:
         return Outcome(
             JobState.FAILED,

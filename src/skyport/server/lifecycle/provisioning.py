@@ -33,8 +33,10 @@ import structlog
 from sqlalchemy import Connection
 
 from skyport.gates.provisioner import (
+    PREEMPTED,
     TAG_CORE,
     TAG_PARTITION,
+    TAG_PREEMPTIBLE,
     Catalog,
     NodeBootstrap,
     PartitionRequest,
@@ -80,7 +82,7 @@ class ProvisioningLoop:
         ca_pem: Callable[[], str],
         on_placed: Callable[[], None],
         on_capacity: Callable[[], None],
-        on_nodes_gone: Callable[[list[str], str], None] = lambda ids, why: None,
+        on_nodes_gone: Callable[..., None] = lambda ids, why, reason="node_lost": None,
         interval_s: float = 1.0,
     ) -> None:
         self.wakeup = Wakeup()
@@ -232,7 +234,11 @@ class ProvisioningLoop:
                 for n, t in zip(names, tokens, strict=True)
             ],
             ports=sorted({p["port"] for p in (job.spec.get("ports") or []) if p.get("direction") == "in"}),
-            tags={TAG_PARTITION: row.id, TAG_CORE: self._core_id},
+            tags={
+                TAG_PARTITION: row.id,
+                TAG_CORE: self._core_id,
+                **({TAG_PREEMPTIBLE: "true"} if job.spec.get("preemptible") else {}),
+            },
         )
         status = await self._call(row, "create", self._provisioners[row.remote_id].create_partition(request))
         if status is None:
@@ -272,6 +278,8 @@ class ProvisioningLoop:
                 message=status.message,
             )
             self.wakeup.ring()
+        elif status.state == "failed" and status.reason == PREEMPTED:
+            await self._requeue(row, status.message or "the provider took the capacity back")
         elif status.state in ("failed", "deleted", "deleting"):
             await self._fail(row, status.message or f"the provider reports the partition {status.state}")
         elif self._late(row):
@@ -296,6 +304,14 @@ class ProvisioningLoop:
             return
         # The provider may know better (a VM that died while booting): ask it.
         status = await self._call(row, "check", self._provisioners[row.remote_id].get_partition(row.id))
+        if (
+            status is not None
+            and status is not _NOTHING
+            and status.state == "failed"
+            and status.reason == PREEMPTED
+        ):
+            await self._requeue(row, status.message or "the provider took the capacity back")
+            return
         if status is _NOTHING or (status is not None and status.state in ("failed", "deleted", "deleting")):
             reason = status.message if status is not None and status is not _NOTHING else ""
             await self._fail(row, reason or "the provider no longer has the partition")
@@ -313,8 +329,45 @@ class ProvisioningLoop:
         if active:
             if row.job_id not in active:
                 await self._set(row, "in_use", job_id=active[0])
+            await self._check_in_use(row)
             return
         await self._set(row, "idle", idle_since=self._clock.now(), charged_until=self._clock.now())
+        self._on_capacity()
+
+    async def _check_in_use(self, row: Any) -> None:
+        """Now and then, ask the provider about a partition in use: spot capacity it took back ends its
+        jobs with reason ``preempted`` (they are requeued), and the partition goes."""
+        tick = self._clock.monotonic()
+        if tick - self._polled.get(row.id, float("-inf")) < self._remotes[row.remote_id].check_interval_s:
+            return
+        self._polled[row.id] = tick
+        status = await self._call(
+            row, "check", self._provisioners[row.remote_id].get_partition(row.id), fail_job=False
+        )
+        if status is None or status is _NOTHING or status.state != "failed" or status.reason != PREEMPTED:
+            return
+        nodes = await self._store.read(partition_store.node_states, row.id)
+        log.warning("partition preempted; its jobs are requeued", partition=row.id)
+        self._on_nodes_gone(
+            [n.id for n in nodes], f"partition {row.name} was preempted ({status.message})", PREEMPTED
+        )
+        await self._set(row, "deleting", message=status.message or "preempted")
+
+    async def _requeue(self, row: Any, message: str) -> None:
+        """Spot capacity taken back before the job started: it waits for capacity again."""
+        now = self._clock.now()
+        current = await self._store.read(partition_store.job_of, row.job_id)
+        attempt = current.attempt if current is not None else 1
+        change = job_store.StateChange(
+            row.job_id,
+            JobState.QUEUED,
+            PREEMPTED,
+            f"Preempted before it started: {message}; waiting for capacity again",
+            WAITING,
+            job_store.requeue_values(attempt),
+        )
+        await self._store.write(_fail_job, change, row.id, now, message)
+        self._notifier.changed(row.job_id)
         self._on_capacity()
 
     async def _on_idle(self, row: Any) -> None:

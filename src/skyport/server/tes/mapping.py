@@ -2,8 +2,8 @@
 
 Resources: ``cpu_cores`` -> cpus, ``ram_gb`` -> mem (GB = 10^9 bytes, as TES and its clients count),
 ``disk_gb`` -> storage (only where nodes declare storage: else it could never be placed, and the
-system logs say it was not reserved), ``preemptible`` accepted (our capacity is never preempted, which
-a preemptible task allows), ``zones`` -> the first one that names a remote. ``backend_parameters``
+system logs say it was not reserved), ``preemptible`` -> the job may run on spot capacity (and is
+requeued if it is taken back), ``zones`` -> the first one that names a remote. ``backend_parameters``
 carries what TES lacks: ``gpus``, ``flavor``, ``remote``, ``walltime`` (seconds or [D-]HH:MM:SS),
 ``account``, and the ``callback_url`` extension. Keys are case-insensitive; unknown keys are dropped
 with a warning in the system logs, or the task is refused with ``backend_parameters_strict``.
@@ -139,6 +139,8 @@ def to_job(task: TesTask, placement: Placement) -> Mapped:
     resources = task.resources
     values: dict[str, Any] = {"name": task.name or "tes-task", "comment": (task.description or "")[:4096]}
     if resources is not None:
+        if resources.preemptible:
+            values["preemptible"] = True
         if resources.cpu_cores:
             values["cpus"] = resources.cpu_cores
         if resources.ram_gb:
