@@ -110,3 +110,13 @@ def test_job_events_become_progress_messages() -> None:
         "message": "Getting a machine: Creating 1 node(s) of small on cloud",
         "progress": 30,
     }
+
+
+def test_options_from_the_hub_api_cannot_send_other_files_of_the_hubs_host() -> None:
+    from skyport.jupyter import SkyPortSpawner
+
+    spawner = SkyPortSpawner()
+    spawner._check_user_options({"machine": "remote:local", "remote": "local", "gpus": 0})
+    for bad in ({"notebooks": ["/etc/shadow"]}, {"gpus": -1}, {"flavor": 3}, {"command": "rm"}):
+        with pytest.raises(ValueError):
+            spawner._check_user_options(bad)
