@@ -118,6 +118,7 @@ def world(tmp_path: Path) -> Iterator[tuple[CoreProcess, HubProcess, SimGate]]:
     finally:
         if hub is not None:
             hub.stop()
+        _cancel_live_jobs(core)  # a failed run must not leave servers running (local jobs outlive a core)
         core.cleanup()
         asyncio.run(_remove_network(network))
 
@@ -126,6 +127,17 @@ def _cloud_empty(state_dir: Path) -> bool:
     """No partition, VM process or VM namespace left (the bridge goes with the test's network)."""
     left = sim_inventory(state_dir)
     return not (left.partitions or left.processes or left.namespaces)
+
+
+def _cancel_live_jobs(core: CoreProcess) -> None:
+    if core.proc is None or core.proc.poll() is not None:
+        return
+    with contextlib.suppress(Exception):
+        client = core.client(USER)
+        live = [j for j in client.jobs().items if not j.state.terminal]
+        for job in live:
+            client.cancel(job.id)
+        wait_for(lambda: all(client.job(j.id).state.terminal for j in live), 60, "live jobs to end")
 
 
 async def _remove_network(network: SimGate) -> None:
