@@ -13,8 +13,7 @@ import json
 import os
 import signal
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from skyport.gates.provisioner import (
     ProvisionerError,
 )
 from skyport.gates.sim import sim_inventory
-from tests.support.core import VENV_BIN, CoreProcess, wait_for
+from tests.support.core import VENV_BIN, CoreProcess, until, wait_for
 
 AGENT_REMOTE = "simcloud"
 
@@ -138,19 +137,6 @@ def http_gate(core: CoreProcess, gate: GateProcess, user: str = "admin", **extra
         **extra,
     }
     return HTTPGate("viagate", settings)
-
-
-async def until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 async def make_request(core: CoreProcess, partition_id: str, nodes: int) -> PartitionRequest:

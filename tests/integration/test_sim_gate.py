@@ -11,8 +11,7 @@ import asyncio
 import json
 import os
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from skyport.gates.provisioner import (
 )
 from skyport.gates.sim import SimGate, sim_inventory
 from skyport.models import JobState
-from tests.support.core import VENV_BIN, CoreProcess
+from tests.support.core import VENV_BIN, CoreProcess, until
 
 REMOTE = "simcloud"
 
@@ -61,19 +60,6 @@ async def sim(tmp_path: Path) -> Any:
         for status in await cleaner.list_partitions():
             await cleaner.delete_partition(status.partition_id)
         assert sim_inventory(cleaner.state_dir, netns=False).empty
-
-
-async def until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 async def make_request(

@@ -7,6 +7,7 @@ the OS picks, and can be killed (``kill -9``) and started again on the same home
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from skyport.client import Client, ClientConfig
 from skyport.pki import CertificateAuthority, server_names, write_private
@@ -38,6 +40,22 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str, interva
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+async def until(
+    predicate: Callable[[], Any], timeout: float = 10.0, what: str = "a condition", interval: float = 0.05
+) -> Any:
+    """:func:`wait_for` for async tests: ``predicate`` may be sync or return an awaitable."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(interval)
 
 
 def make_workroot() -> Path:

@@ -7,7 +7,6 @@ tests need no core; tests/integration/test_sim_gate.py runs the real ``skyport a
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import os
@@ -15,7 +14,7 @@ import signal
 import stat
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from skyport.gates.provisioner import (
     ProvisionerError,
 )
 from skyport.gates.sim import SimGate, sim_inventory
+from tests.support.core import until
 
 #: The stand-in agent: records its argv, starts a wrapper (own session, named by the workroot like the
 #: real one's control directory) whose child is the "job", and sleeps.
@@ -46,20 +46,6 @@ with open(os.path.join(state, "started.json"), "w") as fh:
 while True:
     time.sleep(60)
 """
-
-
-async def until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "a condition") -> Any:
-    """Poll an async-or-sync predicate until it is truthy (fails after ``timeout`` s)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 @pytest.fixture

@@ -409,14 +409,7 @@ class Agent:
             raise GateError(f"nothing answers on port {port} of the job's node ({exc.strerror})") from exc
         url = self._ws_url(protocol.TUNNEL_PATH.format(tunnel_id=message["tunnel_id"]))
         try:
-            ws = await connect(
-                url,
-                ssl=self._identity.client_context(),
-                max_size=None,
-                open_timeout=15,
-                compression=None,
-                write_limit=TUNNEL_CHUNK,
-            )
+            ws = await self._tunnel_socket(url)
         except BaseException:
             local.close()
             raise
@@ -458,18 +451,22 @@ class Agent:
         for server in self._out_servers.pop(job_id, []):
             server.close()
 
+    async def _tunnel_socket(self, url: str) -> ClientConnection:
+        """A WebSocket to the core that carries one tunnel's bytes (raw, uncompressed, 256 KiB writes)."""
+        return await connect(
+            url,
+            ssl=self._identity.client_context(),
+            max_size=None,
+            open_timeout=15,
+            compression=None,
+            write_limit=TUNNEL_CHUNK,
+        )
+
     async def _carry_out(self, job_id: str, port: int, local: LocalConnection) -> None:
         """One connection to an out port: a tunnel to the core, or closed at once with the reason logged."""
         url = self._ws_url(protocol.OUT_PATH.format(job_id=job_id, port=port))
         try:
-            ws = await connect(
-                url,
-                ssl=self._identity.client_context(),
-                max_size=None,
-                open_timeout=15,
-                compression=None,
-                write_limit=TUNNEL_CHUNK,
-            )
+            ws = await self._tunnel_socket(url)
         except (OSError, ssl.SSLError, TimeoutError, InvalidStatus) as exc:
             local.close()
             log.warning("out port: cannot reach the core", job_id=job_id, port=port, error=str(exc))

@@ -39,6 +39,7 @@ from skyport.gates.cloud_common import (
     PREEMPTED,
     PRICE_WAIT_S,
     TAG_NODE,
+    TAG_NODES,
     Cached,
     CheckItem,
     CloudError,
@@ -66,7 +67,6 @@ log = structlog.get_logger(__name__)
 
 MIB = 1024**2
 GIB = 1024**3
-TAG_NODES = "skyport-nodes"
 #: The Price List API answers in these regions only.
 PRICING_REGION = "us-east-1"
 SPOT_REASONS = ("Server.SpotInstanceTermination", "Server.SpotInstanceShutdown")

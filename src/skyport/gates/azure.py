@@ -48,6 +48,7 @@ from skyport.gates.cloud_common import (
     PREEMPTED,
     PRICE_WAIT_S,
     TAG_NODE,
+    TAG_NODES,
     Cached,
     CheckItem,
     CloudError,
@@ -75,7 +76,6 @@ log = structlog.get_logger(__name__)
 
 MIB = 1024**2
 GIB = 1024**3
-TAG_NODES = "skyport-nodes"
 RETAIL_PRICES_URL = "https://prices.azure.com/api/retail/prices"
 ADMIN_USER = "skyportadmin"
 NSG_SUFFIX = "-nsg"

@@ -39,6 +39,8 @@ T = TypeVar("T")
 
 #: Our tag with the node's name, on every VM.
 TAG_NODE = "skyport-node"
+#: Our tag with a partition's node count (what creating it should end with).
+TAG_NODES = "skyport-nodes"
 #: How long a catalog load waits for prices nobody has fetched yet (then the price table serves, and the
 #: catalog is rebuilt when the prices arrive).
 PRICE_WAIT_S = 15.0

@@ -39,6 +39,7 @@ import structlog
 
 from skyport.gates.cloud_common import (
     TAG_NODE,
+    TAG_NODES,
     Cached,
     CheckItem,
     CloudError,
@@ -64,7 +65,6 @@ log = structlog.get_logger(__name__)
 
 MIB = 1024**2
 GIB = 1024**3
-TAG_NODES = "skyport-nodes"
 GROUP_PREFIX = "skyport-"
 #: Roles a project member has; one of them is all the remote needs.
 MEMBER_ROLES = ("member", "_member_")

@@ -24,7 +24,7 @@ from sqlalchemy import Connection
 from skyport.gates.agent import AgentHub
 from skyport.pki import CertificateAuthority, cert_to_pem
 from skyport.server.clock import Clock
-from skyport.server.lifecycle.wakeup import Wakeup
+from skyport.server.lifecycle.wakeup import Wakeup, run_passes
 from skyport.server.settings import Settings
 from skyport.server.store import enrolment as enrol_store
 from skyport.server.store import infra as infra_store
@@ -200,14 +200,7 @@ class NodeLoop:
         hub.on_connect = lambda _: self.wakeup.ring()
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self.pass_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("node pass failed; retrying")
-            await self.wakeup.wait(self._interval)
+        await run_passes(self.pass_once, lambda: self.wakeup.wait(self._interval), "nodes")
 
     async def pass_once(self) -> None:
         if not self._timeouts:

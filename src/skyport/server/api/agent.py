@@ -213,20 +213,25 @@ class _AgentSocket:
         return message
 
 
-async def _refuse(websocket: WebSocket, message: str) -> None:
-    await websocket.close(code=4401, reason=message[:120])
+async def _accept_node(websocket: WebSocket, core: Core) -> NodePrincipal | None:
+    """Accept a node agent's WebSocket; a socket without a valid node certificate is closed (4401)
+    with the reason, and None is returned."""
+    try:
+        node = await authenticate_node(websocket.scope, core.enrolment.identify)
+    except AuthError as exc:
+        await websocket.close(code=4401, reason=str(exc)[:120])
+        return None
+    await websocket.accept()
+    return node
 
 
 @router.websocket(protocol.CONNECT_PATH)
 async def connect(websocket: WebSocket) -> None:
     """An agent's control socket: hello first, then the session runs until either side closes."""
     core: Core = websocket.app.state.core
-    try:
-        node = await authenticate_node(websocket.scope, core.enrolment.identify)
-    except AuthError as exc:
-        await _refuse(websocket, str(exc))
+    node = await _accept_node(websocket, core)
+    if node is None:
         return
-    await websocket.accept()
     link = _AgentSocket(websocket)
     hello = await link.receive()
     if hello is None or hello.get("type") != "hello":
@@ -252,12 +257,9 @@ async def connect(websocket: WebSocket) -> None:
 async def agent_tunnel(websocket: WebSocket, tunnel_id: str) -> None:
     """The agent's side of a port-forwarding tunnel it was asked to open."""
     core: Core = websocket.app.state.core
-    try:
-        node = await authenticate_node(websocket.scope, core.enrolment.identify)
-    except AuthError as exc:
-        await _refuse(websocket, str(exc))
+    node = await _accept_node(websocket, core)
+    if node is None:
         return
-    await websocket.accept()
     tunnel = WebSocketTunnel(websocket)
     if not core.agents.attach_tunnel(tunnel_id, node.node_id, tunnel):
         await websocket.close(code=4403, reason="no such tunnel was asked of this node")
@@ -273,12 +275,9 @@ async def agent_out_port(websocket: WebSocket, job_id: str, port: int) -> None:
     status and a reason (the agent logs it and drops the job's connection).
     """
     core: Core = websocket.app.state.core
-    try:
-        node = await authenticate_node(websocket.scope, core.enrolment.identify)
-    except AuthError as exc:
-        await _refuse(websocket, str(exc))
+    node = await _accept_node(websocket, core)
+    if node is None:
         return
-    await websocket.accept()
     try:
         row = await core.store.read(enrol_store.job_on_node, check_job_id(job_id), node.node_id)
         if row is None or not may_touch_job(node, row.node_ids):

@@ -32,7 +32,7 @@ from skyport.gates.base import (
 from skyport.models import JobSpec, JobState
 from skyport.server.clock import Clock
 from skyport.server.lifecycle.outcome import EndFlags, Outcome, decide
-from skyport.server.lifecycle.wakeup import JobNotifier, Wakeup
+from skyport.server.lifecycle.wakeup import JobNotifier, Wakeup, run_passes
 from skyport.server.metrics import Metrics
 from skyport.server.spool import Spool
 from skyport.server.staging import (
@@ -133,14 +133,7 @@ class ExecutionLoop:
     async def run(self) -> None:
         await self.recover()
         self.recovered.set()
-        while True:
-            try:
-                await self.pass_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("execution pass failed; retrying on the next wakeup")
-            await self.wakeup.wait(self._next_timeout())
+        await run_passes(self.pass_once, lambda: self.wakeup.wait(self._next_timeout()), "execution")
 
     def _next_timeout(self) -> float:
         deadlines = [t.deadline for t in self._tracked.values() if t.deadline and not t.cancel_sent]

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import structlog
 
 from skyport.gates.base import ExecutorGate, TunnelLink
+from skyport.server.lifecycle.wakeup import run_passes
 from skyport.server.store import jobs as job_store
 from skyport.server.store.engine import Store
 from skyport.server.tunnels import OpenPort, PortListeners
@@ -40,14 +41,7 @@ class PortLoop:
         self._interval = interval_s
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self.pass_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("port pass failed; retrying")
-            await asyncio.sleep(self._interval)
+        await run_passes(self.pass_once, lambda: asyncio.sleep(self._interval), "ports")
 
     async def pass_once(self) -> None:
         rows = await self._store.read(job_store.running_with_ports, self._remote_ids())

@@ -47,7 +47,7 @@ from skyport.gates.provisioner import (
 from skyport.models import JobState
 from skyport.models.job import ACTIVE_STATES
 from skyport.server.clock import Clock
-from skyport.server.lifecycle.wakeup import JobNotifier, Wakeup
+from skyport.server.lifecycle.wakeup import JobNotifier, Wakeup, run_passes
 from skyport.server.settings import CloudRemoteSettings
 from skyport.server.store import enrolment as enrol_store
 from skyport.server.store import jobs as job_store
@@ -109,14 +109,7 @@ class ProvisioningLoop:
     # -- the loop ------------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self.pass_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("provisioning pass failed; retrying")
-            await self.wakeup.wait(self._interval)
+        await run_passes(self.pass_once, lambda: self.wakeup.wait(self._interval), "provisioning")
 
     async def pass_once(self) -> None:
         if not self._provisioners:
@@ -213,11 +206,8 @@ class ProvisioningLoop:
     # -- steps ---------------------------------------------------------------------------------------
 
     async def _on_requested(self, row: Any) -> None:
-        job = await self._store.read(partition_store.job_of, row.job_id)
-        if not self._wanted(job, row.id):
-            await self._set(row, "deleting", message="its job no longer needs it")
-            return
-        if await self._placed_already(row, job):
+        job = await self._waiting_job(row)
+        if job is None:
             return
         remote = self._remotes[row.remote_id]
         now = self._clock.now()
@@ -255,11 +245,8 @@ class ProvisioningLoop:
         await self._after_create(row, status)
 
     async def _on_creating(self, row: Any) -> None:
-        job = await self._store.read(partition_store.job_of, row.job_id)
-        if not self._wanted(job, row.id):
-            await self._set(row, "deleting", message="its job no longer needs it")
-            return
-        if await self._placed_already(row, job):
+        job = await self._waiting_job(row)
+        if job is None:
             return
         status = await self._call(row, "check", self._provisioners[row.remote_id].get_partition(row.id))
         if status is None:
@@ -286,11 +273,8 @@ class ProvisioningLoop:
             await self._fail(row, f"the provider did not create it within {remote.create_timeout_s:.0f}s")
 
     async def _on_booting(self, row: Any) -> None:
-        job = await self._store.read(partition_store.job_of, row.job_id)
-        if not self._wanted(job, row.id):
-            await self._set(row, "deleting", message="its job no longer needs it")
-            return
-        if await self._placed_already(row, job):
+        job = await self._waiting_job(row)
+        if job is None:
             return
         nodes = await self._store.read(partition_store.node_states, row.id)
         up = [n for n in nodes if n.state_power == "up"]
@@ -420,6 +404,17 @@ class ProvisioningLoop:
             and not job.cancel_requested
             and not job.requeue_requested
         )
+
+    async def _waiting_job(self, row: Any) -> Any:
+        """The partition's job, if it still waits for the partition being made. Otherwise the partition
+        is deleted (the job no longer needs it) or, the job being on its nodes already, in use; None."""
+        job = await self._store.read(partition_store.job_of, row.job_id)
+        if not self._wanted(job, row.id):
+            await self._set(row, "deleting", message="its job no longer needs it")
+            return None
+        if await self._placed_already(row, job):
+            return None
+        return job
 
     async def _placed_already(self, row: Any, job: Any) -> bool:
         """The job is on the partition's nodes already (a placement whose step was cut short): in use."""

@@ -22,7 +22,7 @@ from sqlalchemy import Connection, or_, select, true
 from skyport.models import JobState
 from skyport.models.job import ACTIVE_STATES
 from skyport.server.clock import Clock
-from skyport.server.lifecycle.wakeup import JobNotifier, Wakeup
+from skyport.server.lifecycle.wakeup import JobNotifier, Wakeup, run_passes
 from skyport.server.metrics import Metrics
 from skyport.server.scheduler import (
     AccountState,
@@ -431,15 +431,11 @@ class SchedulerLoop:
         self.wakeup.ring()
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self.pass_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("scheduler pass failed; retrying on the next wakeup")
-            await asyncio.sleep(MIN_PASS_INTERVAL_S)  # rate limit, not synchronisation
-            await self.wakeup.wait(self._interval)
+        await run_passes(self.pass_once, self._wait, "scheduler")
+
+    async def _wait(self) -> None:
+        await asyncio.sleep(MIN_PASS_INTERVAL_S)  # rate limit, not synchronisation
+        await self.wakeup.wait(self._interval)
 
     async def pass_once(self) -> Plan:
         started = self._clock.monotonic()

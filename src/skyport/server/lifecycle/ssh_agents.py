@@ -30,7 +30,7 @@ from skyport.agent.protocol import node_id_for
 from skyport.gates.agent import AgentHub
 from skyport.gates.base import GateError
 from skyport.gates.ssh_agent import SSHAgentStarter
-from skyport.server.lifecycle.wakeup import Wakeup
+from skyport.server.lifecycle.wakeup import Wakeup, run_passes
 from skyport.server.nodes import EnrolmentError, NodeEnrolment
 from skyport.server.settings import SSHRemoteSettings
 
@@ -94,14 +94,7 @@ class SSHAgentLoop:
         return bool(self._hosts)
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self.pass_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("ssh agent pass failed; retrying")
-            await self.wakeup.wait(self._interval)
+        await run_passes(self.pass_once, lambda: self.wakeup.wait(self._interval), "ssh-agents")
 
     async def pass_once(self) -> None:
         url = self._core_url()

@@ -5,6 +5,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from typing import NoReturn
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+
+async def run_passes(
+    pass_once: Callable[[], Awaitable[object]], wait: Callable[[], Awaitable[object]], what: str
+) -> NoReturn:
+    """A control loop's life: a pass, then ``wait`` (for a ring or the timer), forever. A pass that fails
+    is logged and the next one tries again: a loop never dies of one bad row or provider answer."""
+    while True:
+        try:
+            await pass_once()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("pass failed; retrying on the next wakeup", loop=what)
+        await wait()
 
 
 class Wakeup:

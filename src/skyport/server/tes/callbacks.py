@@ -33,7 +33,7 @@ import structlog
 
 from skyport.models import JobState
 from skyport.server.clock import Clock
-from skyport.server.lifecycle.wakeup import Wakeup
+from skyport.server.lifecycle.wakeup import Wakeup, run_passes
 from skyport.server.store.engine import Store
 from skyport.server.tes import store as tes_store
 from skyport.server.tes.models import TesState
@@ -88,14 +88,7 @@ class CallbackLoop:
     async def run(self) -> None:
         self._http = httpx.AsyncClient(timeout=TIMEOUT_S)
         try:
-            while True:
-                try:
-                    await self.pass_once()
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    log.exception("callback pass failed")
-                await self._wakeup.wait(self._interval)
+            await run_passes(self.pass_once, lambda: self._wakeup.wait(self._interval), "tes-callbacks")
         finally:
             await self._http.aclose()
 
