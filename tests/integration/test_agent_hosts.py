@@ -65,9 +65,12 @@ def test_jobs_run_on_agents_in_their_own_hosts(
         assert {nodes[h.name].ip for h in hosts} == {h.address for h in hosts}, (
             "each node connected from its host"
         )
-        # Each job needs a whole 2-CPU node, so the two land on different hosts.
-        script = "#!/bin/sh\n#SWM cpus 2\nip -4 -o addr show | grep -v ' lo '\n"
-        jobs = [c.submit(script=script).id for _ in hosts]
+        # Each task needs a whole 2-CPU node, and both are queued by one submission (an array), so one
+        # scheduler pass places them together: on different hosts.
+        script = "#!/bin/sh\n#SWM cpus 2\n#SWM array 1-2\nip -4 -o addr show | grep -v ' lo '\n"
+        array = c.submit(script=script)
+        jobs = [j.id for j in c.jobs(array=array.array_id).items]
+        assert len(jobs) == len(hosts)
         for job_id in jobs:
             assert _ended(bridged_core, job_id) is JobState.COMPLETED
         seen = {}

@@ -83,6 +83,8 @@ def check_ready_to_serve(settings: Settings) -> None:
 #: threads hand each transaction back to the event loop; at 5 ms every hand-off can wait that long
 #: while the loop is busy with requests. Measured: ~370 -> ~530 submissions/s at 1 ms (docs/performance.md).
 GIL_SWITCH_INTERVAL_S = 0.001
+#: Seconds an idle client connection is kept open by the core.
+KEEP_ALIVE_S = 30
 
 
 def serve(settings: Settings, **uvicorn_options: Any) -> None:
@@ -102,6 +104,9 @@ def serve(settings: Settings, **uvicorn_options: Any) -> None:
         log_level=settings.log_level,
         access_log=False,
         timeout_graceful_shutdown=5,
+        # Longer than clients keep idle connections (httpx: 5 s), so that a client never sends on a
+        # connection the server is closing at that moment ("disconnected without sending a response").
+        timeout_keep_alive=KEEP_ALIVE_S,
         **uvicorn_options,
     )
     core: Core = app.state.core
