@@ -7,6 +7,7 @@ the OS picks, and can be killed (``kill -9``) and started again on the same home
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 import json
 import os
@@ -16,8 +17,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -80,9 +82,17 @@ def _add_server_address(settings: Settings, address: str) -> None:
 class User:
     name: str
     config: ClientConfig
+    #: Every client handed out, closed with the core (:meth:`CoreProcess.cleanup`).
+    clients: weakref.WeakSet[Client] = field(default_factory=weakref.WeakSet, repr=False)
 
     def client(self) -> Client:
-        return Client(self.config)
+        client = Client(self.config)
+        self.clients.add(client)
+        return client
+
+    def close_clients(self) -> None:
+        for client in list(self.clients):
+            client.close()
 
 
 class CoreProcess:
@@ -177,5 +187,11 @@ class CoreProcess:
                 self.proc.wait(timeout=10)
 
     def cleanup(self) -> None:
+        # A client's idle keep-alive connection would hold the core's graceful shutdown for its full
+        # timeout (the TLS close is never answered by a client nobody reads from): close them first,
+        # those dropped but not yet collected (httpx's connections are in reference cycles) as well.
+        gc.collect()
+        for user in self.users.values():
+            user.close_clients()
         self.stop()
         shutil.rmtree(self.workroot, ignore_errors=True)
