@@ -142,6 +142,8 @@ def gate(home_core: CoreProcess, tmp_path: Path) -> Iterator[Gate]:
         assert proc.poll() is None, log.read_text(errors="replace")
         yield Gate(url=f"https://localhost:{port}", log=log)
     finally:
+        # The core first: the gate's old uvicorn waits, on SIGTERM, for the connections the core holds.
+        home_core.cleanup()
         proc.terminate()
         try:
             proc.wait(timeout=10)
