@@ -13,9 +13,11 @@ run: setup
 	@$(SKYPORT) init
 	@scripts/demo.sh & exec $(SKYPORT) server
 
-## Set everything up and run the whole test suite (CI runs this).
+## Set everything up and run the whole test suite (CI runs this). Its tests mostly wait on real daemons,
+## so they run on 2 workers (pytest-xdist), a test file per worker at a time (module-scoped fixtures).
+PYTEST_WORKERS ?= 2
 test: setup lint typecheck
-	@$(VENV)/bin/pytest -q -p no:cacheprovider
+	@$(VENV)/bin/pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile
 
 lint: setup
 	@$(VENV)/bin/ruff check src tests bench
