@@ -204,6 +204,7 @@ class ExecutionLoop:
         started: list[_Tracked] = []
         failures: list[job_store.StateChange] = []
         forwarded: dict[str, list[tuple[Any, JobLaunch]]] = defaultdict(list)
+        direct: list[tuple[Any, JobLaunch]] = []
         now = self._clock.now()
         for row in rows:
             if row.cancel_requested or row.requeue_requested:
@@ -224,21 +225,31 @@ class ExecutionLoop:
                 self._busy.add(row.id)
                 self._spawn(self._launch_in_background(row, launch))
                 continue
-            try:
-                handle = await self._gate(row).launch(launch)
-            except GateError as exc:
-                failures.append(self._launch_failed(row, str(exc), now))
-                continue
-            started.append(self._track(row, launch, handle))
+            direct.append((row, launch))
+        # Launched together: a gate may start several at once (the local gate's launch threads).
+        results = await asyncio.gather(
+            *(self._gate(row).launch(launch) for row, launch in direct), return_exceptions=True
+        )
+        unexpected: BaseException | None = None
+        for (row, launch), result in zip(direct, results, strict=True):
+            if isinstance(result, GateError):
+                failures.append(self._launch_failed(row, str(result), now))
+            elif isinstance(result, BaseException):
+                unexpected = unexpected or result
+            else:
+                started.append(self._track(row, launch, result))
+        if unexpected is not None:  # record what did start before the pass fails
+            await self._record_started(started, failures)
+            raise unexpected
         for remote_id, batch in forwarded.items():
             gate = self_scheduling(self._gates[remote_id])
             assert gate is not None
-            results = await gate.launch_many([launch for _, launch in batch])
-            for (row, launch), result in zip(batch, results, strict=True):
-                if isinstance(result, GateError):
-                    failures.append(self._launch_failed(row, str(result), now))
+            submissions = await gate.launch_many([launch for _, launch in batch])
+            for (row, launch), submission in zip(batch, submissions, strict=True):
+                if isinstance(submission, GateError):
+                    failures.append(self._launch_failed(row, str(submission), now))
                 else:
-                    started.append(self._track(row, launch, result.handle, submitted=result.message))
+                    started.append(self._track(row, launch, submission.handle, submitted=submission.message))
         await self._record_started(started, failures)
 
     async def _launch_in_background(self, row: Any, launch: JobLaunch) -> None:
