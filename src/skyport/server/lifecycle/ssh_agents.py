@@ -157,7 +157,10 @@ class SSHAgentLoop:
             enrolling=token is not None,
         )
         host.failures, host.last_error, host.unconnected = 0, "", 0
-        host.retry_at = self._monotonic() + host.connect_grace_s
+        # The grace is for connecting: an agent that has connected already (it may, before the start
+        # returns) is looked at again as soon as it is not connected, like any connected agent.
+        connected = self._hub.connected(host.node_id)
+        host.retry_at = 0.0 if connected else self._monotonic() + host.connect_grace_s
 
     async def close(self) -> None:
         for starter in self._starters:
