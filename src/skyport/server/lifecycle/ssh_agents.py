@@ -55,6 +55,8 @@ class _Host:
     last_error: str = ""
     #: Looks that found our agent running but not connected, in a row.
     unconnected: int = 0
+    #: When the agent we last started was being started; None once the loop has seen it connected.
+    started_at: float | None = None
 
     @property
     def node_id(self) -> str:
@@ -105,7 +107,8 @@ class SSHAgentLoop:
         for host in self._hosts:
             if self._hub.connected(host.node_id):
                 host.failures, host.retry_at, host.last_error, host.unconnected = 0, 0.0, "", 0
-            elif host.retry_at <= now:
+                host.started_at = None
+            elif host.retry_at <= now or self._connected_since_start(host):
                 due.append(host)
         if due:
             ca_pem = await asyncio.to_thread(self._ca_file.read_bytes)
@@ -125,16 +128,17 @@ class SSHAgentLoop:
                         url=url,
                         agent_log=state.log_tail,
                     )
-                host.failures = 0
+                host.failures, host.started_at = 0, None
                 host.retry_at = self._monotonic() + host.connect_grace_s
                 return
             token = None
             if state.node_id != host.node_id:
                 issued = await self._enrolment.create_token(host.remote, host.node, TOKEN_TTL)
                 token = issued.token
+            starting = self._monotonic()
             pid = await host.starter.start(host.node, url=url, ca_pem=ca_pem, token=token, stop_pid=state.pid)
         except (GateError, EnrolmentError) as exc:
-            host.failures += 1
+            host.failures, host.started_at = host.failures + 1, None
             wait = min(MAX_BACKOFF_S, self._interval * 2**host.failures)
             host.retry_at = self._monotonic() + wait
             text = str(exc)
@@ -157,10 +161,14 @@ class SSHAgentLoop:
             enrolling=token is not None,
         )
         host.failures, host.last_error, host.unconnected = 0, "", 0
-        # The grace is for connecting: an agent that has connected already (it may, before the start
-        # returns) is looked at again as soon as it is not connected, like any connected agent.
-        connected = self._hub.connected(host.node_id)
-        host.retry_at = 0.0 if connected else self._monotonic() + host.connect_grace_s
+        host.retry_at, host.started_at = self._monotonic() + host.connect_grace_s, starting
+
+    def _connected_since_start(self, host: _Host) -> bool:
+        """The agent started last has been heard from since (so it connected): the connect grace is
+        over, and an agent gone again is looked at at once, even before a pass saw it connected."""
+        if host.started_at is None:
+            return False
+        return self._monotonic() - self._hub.silent_for(host.node_id) >= host.started_at
 
     async def close(self) -> None:
         for starter in self._starters:
