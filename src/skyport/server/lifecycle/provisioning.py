@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from sqlalchemy import Connection
@@ -66,6 +66,8 @@ POLL_INTERVAL_S = 1.0
 CALL_TIMEOUT_S = 60.0
 
 WAITING = frozenset({JobState.SCHEDULED})
+_ACTIVE = frozenset(s.value for s in ACTIVE_STATES)
+T = TypeVar("T")
 
 
 class ProvisioningLoop:
@@ -105,6 +107,8 @@ class ProvisioningLoop:
         self._slots = asyncio.Semaphore(PARALLEL_STEPS)
         self._last_gc = float("-inf")
         self._last_catalog = float("-inf")
+        #: Partition id -> an active job on it, as of the last pass.
+        self._active: dict[str, str] = {}
 
     # -- the loop ------------------------------------------------------------------------------------
 
@@ -121,21 +125,37 @@ class ProvisioningLoop:
         if tick - self._last_gc > GC_INTERVAL_S:
             self._last_gc = tick
             self._spawn(self.collect_garbage())
-        rows = await self._store.read(partition_store.work, self._clock.now())
-        booting = [r.id for r in rows if r.state == "booting"]
-        up = await self._store.read(partition_store.up_counts, booting) if booting else {}
-        for row in rows:
+        work = await self._store.read(partition_store.work, self._clock.now())
+        self._active = work.active
+        # Partitions at the same step are done together: one transaction for hundreds of them.
+        batches: dict[str, list[Any]] = {"create": [], "check": [], "place": []}
+        for row in work.rows:
             if row.id in self._busy or row.remote_id not in self._provisioners:
                 continue
-            if not self._due(row, tick, up.get(row.id, 0)):
+            nodes_up = work.nodes_up.get(row.id, 0)
+            if not self._due(row, tick, nodes_up):
                 continue
             self._busy.add(row.id)
-            self._spawn(self._step(row))
+            if row.state == "requested":
+                batches["create"].append(row)
+            elif row.state == "creating":
+                batches["check"].append(row)
+            elif row.state == "booting" and nodes_up >= row.node_count:
+                batches["place"].append(row)
+            else:
+                self._spawn(self._step(row))
+        for kind, rows in batches.items():
+            if rows:
+                self._spawn(self._batch(kind, rows))
 
     def _due(self, row: Any, tick: float, nodes_up: int) -> bool:
         """Whether a partition needs a step in this pass. Waiting on the provider (creating) or on the
         agents (booting) is polled every POLL_INTERVAL_S, not every pass: hundreds of partitions boot at
-        once. A booting partition whose nodes are all up is placed at once."""
+        once. A booting partition whose nodes are all up is placed at once. A partition in use by its
+        job is looked at when its job ends, and asked about every ``check_interval_s`` (preemption)."""
+        if row.state == "in_use" and self._job_is_on(row):
+            interval = self._remotes[row.remote_id].check_interval_s
+            return tick - self._polled.get(row.id, float("-inf")) >= interval
         if row.state not in ("creating", "booting"):
             return True
         if row.state == "booting" and nodes_up >= row.node_count:
@@ -164,6 +184,34 @@ class ProvisioningLoop:
             log.exception("partition step failed; retried on a later pass", partition=row.id, state=row.state)
         finally:
             self._busy.discard(row.id)
+
+    async def _batch(self, kind: str, rows: list[Any]) -> None:
+        """One step for many partitions at the same state: their reads and writes are one transaction
+        each; the provider calls run side by side (at most PARALLEL_STEPS at once)."""
+        try:
+            waiting = [row for row in rows if await self._still_waiting(row)]
+            if waiting:
+                step = {"create": self._create_all, "check": self._check_all, "place": self._place_all}[kind]
+                await step(waiting)
+        except Exception:
+            log.exception("partition step failed; retried on a later pass", partitions=len(rows), step=kind)
+        finally:
+            for row in rows:
+                self._busy.discard(row.id)
+
+    async def _each(self, rows: list[Any], call: Callable[[Any], Awaitable[T]]) -> list[T | None]:
+        """``call(row)`` for every row at once (bounded by the step slots); None where it raised (logged:
+        that partition is tried again on a later pass, the others go on)."""
+
+        async def one(row: Any) -> T | None:
+            try:
+                async with self._slots:
+                    return await call(row)
+            except Exception:
+                log.exception("partition step failed; retried on a later pass", partition=row.id)
+                return None
+
+        return list(await asyncio.gather(*(one(row) for row in rows)))
 
     # -- catalog and garbage -------------------------------------------------------------------------
 
@@ -205,15 +253,47 @@ class ProvisioningLoop:
 
     # -- steps ---------------------------------------------------------------------------------------
 
-    async def _on_requested(self, row: Any) -> None:
-        job = await self._waiting_job(row)
-        if job is None:
-            return
+    async def _create_all(self, rows: list[Any]) -> None:
+        """``requested`` partitions: their nodes' bootstrap tokens (one transaction), the provider's create
+        calls, then ``creating`` (one transaction)."""
+        specs = await self._store.read(partition_store.job_specs, [row.job_id for row in rows])
+        names = {row.id: [f"{row.name}-{i}" for i in range(row.node_count)] for row in rows}
+        wanted = [(row.remote_id, row.id, names[row.id], self._token_ttl(row)) for row in rows]
+        tokens = await self._store.write(_tokens, wanted, self._clock.now())
+
+        async def create(row: Any) -> PartitionStatus | None:
+            request = self._request(row, specs.get(row.job_id, {}), names[row.id], tokens[row.id])
+            status: PartitionStatus | None = await self._call(row, "create", request)
+            return status
+
+        created = [
+            (row, status)
+            for row, status in zip(rows, await self._each(rows, create), strict=True)
+            if status is not None and status is not _NOTHING
+        ]
+        steps = []
+        for row, status in created:
+            remote = self._remotes[row.remote_id]
+            what = f"Creating {row.node_count} node(s) of {row.flavor_name or row.flavor_id} on {remote.name}"
+            deadline = self._clock.now() + timedelta(seconds=remote.create_timeout_s)
+            values = {
+                "state": "creating",
+                "provider_id": status.provider_id,
+                "step_deadline": deadline,
+                "message": status.message,
+            }
+            steps.append((row, what, values))
+        await self._advance(steps)
+        await self._after_create(created)
+
+    def _token_ttl(self, row: Any) -> timedelta:
         remote = self._remotes[row.remote_id]
-        now = self._clock.now()
-        names = [f"{row.name}-{i}" for i in range(row.node_count)]
-        ttl = timedelta(seconds=remote.create_timeout_s + remote.boot_timeout_s)
-        tokens = await self._store.write(_tokens, row.remote_id, row.id, names, ttl, now)
+        return timedelta(seconds=remote.create_timeout_s + remote.boot_timeout_s)
+
+    async def _request(
+        self, row: Any, spec: dict[str, Any], names: list[str], tokens: list[str]
+    ) -> PartitionStatus:
+        """Ask the provider to create the partition (the flavor as the provider calls it)."""
         request = PartitionRequest(
             partition_id=row.id,
             name=row.name,
@@ -223,68 +303,74 @@ class ProvisioningLoop:
                 NodeBootstrap(n, self._core_url(), self._ca_pem(), t)
                 for n, t in zip(names, tokens, strict=True)
             ],
-            ports=sorted({p["port"] for p in (job.spec.get("ports") or []) if p.get("direction") == "in"}),
+            ports=sorted({p["port"] for p in (spec.get("ports") or []) if p.get("direction") == "in"}),
             tags={
                 TAG_PARTITION: row.id,
                 TAG_CORE: self._core_id,
-                **({TAG_PREEMPTIBLE: "true"} if job.spec.get("preemptible") else {}),
+                **({TAG_PREEMPTIBLE: "true"} if spec.get("preemptible") else {}),
             },
         )
-        status = await self._call(row, "create", self._provisioners[row.remote_id].create_partition(request))
-        if status is None:
-            return
-        deadline = self._clock.now() + timedelta(seconds=remote.create_timeout_s)
-        await self._advance(
-            row,
-            f"Creating {row.node_count} node(s) of {row.flavor_name or row.flavor_id} on {remote.name}",
-            state="creating",
-            provider_id=status.provider_id,
-            step_deadline=deadline,
-            message=status.message,
-        )
-        await self._after_create(row, status)
+        return await self._provisioners[row.remote_id].create_partition(request)
 
-    async def _on_creating(self, row: Any) -> None:
-        job = await self._waiting_job(row)
-        if job is None:
-            return
-        status = await self._call(row, "check", self._provisioners[row.remote_id].get_partition(row.id))
-        if status is None:
-            return
-        await self._after_create(row, status)
+    async def _check_all(self, rows: list[Any]) -> None:
+        """``creating`` partitions: ask the provider whether their machines are up."""
 
-    async def _after_create(self, row: Any, status: PartitionStatus) -> None:
-        remote = self._remotes[row.remote_id]
-        if status.state == "ready":
-            deadline = self._clock.now() + timedelta(seconds=remote.boot_timeout_s)
-            await self._advance(
-                row,
-                f"Booting {row.node_count} node(s) of {remote.name}: waiting for their agents",
-                state="booting",
-                step_deadline=deadline,
-                message=status.message,
-            )
+        async def check(row: Any) -> Any:
+            return await self._call(row, "check", self._provisioners[row.remote_id].get_partition(row.id))
+
+        found = []
+        for row, status in zip(rows, await self._each(rows, check), strict=True):
+            if status is _NOTHING:
+                await self._fail(row, "the provider no longer has the partition")
+            elif status is not None:
+                found.append((row, status))
+        await self._after_create(found)
+
+    async def _after_create(self, found: list[tuple[Any, PartitionStatus]]) -> None:
+        """What the provider said about partitions being created: those ready boot (one transaction)."""
+        booting = []
+        for row, status in found:
+            remote = self._remotes[row.remote_id]
+            if status.state == "ready":
+                deadline = self._clock.now() + timedelta(seconds=remote.boot_timeout_s)
+                values = {"state": "booting", "step_deadline": deadline, "message": status.message}
+                booting.append(
+                    (
+                        row,
+                        f"Booting {row.node_count} node(s) of {remote.name}: waiting for their agents",
+                        values,
+                    )
+                )
+            elif status.state == "failed" and status.reason == PREEMPTED:
+                await self._requeue(row, status.message or "the provider took the capacity back")
+            elif status.state in ("failed", "deleted", "deleting"):
+                await self._fail(row, status.message or f"the provider reports the partition {status.state}")
+            elif self._late(row):
+                await self._fail(row, f"the provider did not create it within {remote.create_timeout_s:.0f}s")
+        if booting:
+            await self._advance(booting)
             self.wakeup.ring()
-        elif status.state == "failed" and status.reason == PREEMPTED:
-            await self._requeue(row, status.message or "the provider took the capacity back")
-        elif status.state in ("failed", "deleted", "deleting"):
-            await self._fail(row, status.message or f"the provider reports the partition {status.state}")
-        elif self._late(row):
-            await self._fail(row, f"the provider did not create it within {remote.create_timeout_s:.0f}s")
+
+    async def _place_all(self, rows: list[Any]) -> None:
+        """``booting`` partitions whose nodes are all up: their jobs are placed on them (one transaction)."""
+        nodes = await self._store.read(partition_store.nodes_of, [row.id for row in rows])
+        placements = []
+        for row in rows:
+            up = [n for n in nodes.get(row.id, []) if n.state_power == "up"]
+            if len(up) >= row.node_count:
+                placements.append((row.job_id, row.remote_id, row.id, up[: row.node_count]))
+        if not placements:
+            return
+        placed = await self._store.write(_place_all, placements, self._clock.now())
+        for (job_id, *_), done in zip(placements, placed, strict=True):
+            if done:
+                self._notifier.changed(job_id)
+        if any(placed):
+            self._on_placed()
 
     async def _on_booting(self, row: Any) -> None:
-        job = await self._waiting_job(row)
-        if job is None:
-            return
-        nodes = await self._store.read(partition_store.node_states, row.id)
-        up = [n for n in nodes if n.state_power == "up"]
-        if len(up) >= row.node_count:
-            placed = await self._store.write(
-                _place, row.job_id, row.remote_id, row.id, up[: row.node_count], self._clock.now()
-            )
-            if placed:
-                self._notifier.changed(row.job_id)
-                self._on_placed()
+        """A partition whose nodes are not all up yet (those that are get placed in a batch)."""
+        if not await self._still_waiting(row):
             return
         # The provider may know better (a VM that died while booting): ask it.
         status = await self._call(row, "check", self._provisioners[row.remote_id].get_partition(row.id))
@@ -302,6 +388,8 @@ class ProvisioningLoop:
             return
         if self._late(row):
             remote = self._remotes[row.remote_id]
+            nodes = await self._store.read(partition_store.node_states, row.id)
+            up = [n for n in nodes if n.state_power == "up"]
             await self._fail(
                 row,
                 f"{row.node_count - len(up)} of {row.node_count} node(s) did not join within "
@@ -309,10 +397,10 @@ class ProvisioningLoop:
             )
 
     async def _on_in_use(self, row: Any) -> None:
-        active = await self._store.read(partition_store.active_jobs_on, row.id)
-        if active:
-            if row.job_id not in active:
-                await self._set(row, "in_use", job_id=active[0])
+        active = self._active.get(row.id)
+        if active is not None:
+            if not self._job_is_on(row):
+                await self._set(row, "in_use", job_id=active)
             await self._check_in_use(row)
             return
         await self._set(row, "idle", idle_since=self._clock.now(), charged_until=self._clock.now())
@@ -355,11 +443,11 @@ class ProvisioningLoop:
         self._on_capacity()
 
     async def _on_idle(self, row: Any) -> None:
-        active = await self._store.read(partition_store.active_jobs_on, row.id)
+        active = self._active.get(row.id)
         now = self._clock.now()
-        if active:
+        if active is not None:
             await self._store.write(partition_store.charge_idle, row.id, now)
-            await self._set(row, "in_use", job_id=active[0], idle_since=None)
+            await self._set(row, "in_use", job_id=active, idle_since=None)
             return
         remote = self._remotes[row.remote_id]
         nodes = await self._store.read(partition_store.node_states, row.id)
@@ -395,33 +483,22 @@ class ProvisioningLoop:
 
     # -- helpers -------------------------------------------------------------------------------------
 
-    def _wanted(self, job: Any, partition_id: str) -> bool:
-        """Whether the partition's job still waits for it (or, placed already, runs on it)."""
-        return (
-            job is not None
-            and job.state in {s.value for s in ACTIVE_STATES}
-            and job.partition_id == partition_id
-            and not job.cancel_requested
-            and not job.requeue_requested
-        )
+    @staticmethod
+    def _job_is_on(row: Any) -> bool:
+        """The partition's job is active and on this partition (from the pass's read of both)."""
+        return row.job_state in _ACTIVE and row.job_partition_id == row.id
 
-    async def _waiting_job(self, row: Any) -> Any:
-        """The partition's job, if it still waits for the partition being made. Otherwise the partition
-        is deleted (the job no longer needs it) or, the job being on its nodes already, in use; None."""
-        job = await self._store.read(partition_store.job_of, row.job_id)
-        if not self._wanted(job, row.id):
+    async def _still_waiting(self, row: Any) -> bool:
+        """Whether the partition's job still waits for the partition being made. Otherwise the partition
+        is deleted (the job no longer needs it) or, the job being on its nodes already (a placement whose
+        step was cut short), in use."""
+        if not self._job_is_on(row) or row.job_cancel_requested or row.job_requeue_requested:
             await self._set(row, "deleting", message="its job no longer needs it")
-            return None
-        if await self._placed_already(row, job):
-            return None
-        return job
-
-    async def _placed_already(self, row: Any, job: Any) -> bool:
-        """The job is on the partition's nodes already (a placement whose step was cut short): in use."""
-        if job is not None and job.node_ids and job.partition_id == row.id:
+            return False
+        if row.job_node_ids:
             await self._set(row, "in_use", step_deadline=None)
-            return True
-        return False
+            return False
+        return True
 
     def _late(self, row: Any) -> bool:
         return row.step_deadline is not None and self._clock.now() >= row.step_deadline
@@ -499,12 +576,23 @@ class ProvisioningLoop:
             self._on_capacity()
         self.wakeup.ring()
 
-    async def _advance(self, row: Any, job_message: str, **values: Any) -> None:
-        """A partition's next step and its job's progress event, in one transaction."""
-        change = job_store.StateChange(row.job_id, JobState.SCHEDULED, "provisioning", job_message, WAITING)
-        applied = await self._store.write(_advance, row.id, change, self._clock.now(), values)
-        if applied:
-            self._notifier.changed(row.job_id)
+    async def _advance(self, steps: list[tuple[Any, str, dict[str, Any]]]) -> None:
+        """Partitions' next steps, each with its job's progress event: (row, job message, new values), all
+        in one transaction."""
+        if not steps:
+            return
+        changes = [
+            (
+                row.id,
+                job_store.StateChange(row.job_id, JobState.SCHEDULED, "provisioning", text, WAITING),
+                values,
+            )
+            for row, text, values in steps
+        ]
+        applied = await self._store.write(_advance_all, changes, self._clock.now())
+        for (row, _, _), done in zip(steps, applied, strict=True):
+            if done:
+                self._notifier.changed(row.job_id)
 
     async def _job_progress(self, row: Any, message: str) -> None:
         change = job_store.StateChange(row.job_id, JobState.SCHEDULED, "provisioning", message, WAITING)
@@ -521,14 +609,30 @@ _NOTHING: Any = object()
 
 
 def _tokens(
-    conn: Connection, remote_id: str, partition_id: str, names: list[str], ttl: timedelta, now: datetime
-) -> list[str]:
-    return [
-        enrol_store.create_bootstrap_token(
-            conn, remote_id=remote_id, node_name=name, ttl=ttl, now=now, partition_id=partition_id
-        )
-        for name in names
-    ]
+    conn: Connection, wanted: list[tuple[str, str, list[str], timedelta]], now: datetime
+) -> dict[str, list[str]]:
+    """A bootstrap token for each node of each partition: (remote id, partition id, node names, ttl)."""
+    return {
+        partition_id: [
+            enrol_store.create_bootstrap_token(
+                conn, remote_id=remote_id, node_name=name, ttl=ttl, now=now, partition_id=partition_id
+            )
+            for name in names
+        ]
+        for remote_id, partition_id, names, ttl in wanted
+    }
+
+
+def _place_all(
+    conn: Connection, placements: list[tuple[str, str, str, list[Any]]], now: datetime
+) -> list[bool]:
+    return [_place(conn, *placement, now) for placement in placements]
+
+
+def _advance_all(
+    conn: Connection, changes: list[tuple[str, job_store.StateChange, dict[str, Any]]], now: datetime
+) -> list[bool]:
+    return [_advance(conn, partition_id, change, now, values) for partition_id, change, values in changes]
 
 
 def _place(

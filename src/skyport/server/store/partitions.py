@@ -124,11 +124,34 @@ def insert_partition(conn: Connection, p: NewPartition, now: datetime) -> None:
     )
 
 
-def work(conn: Connection, now: datetime) -> list[Any]:
+@dataclass(frozen=True)
+class Work:
+    """What the provisioning loop has to look at, read in one transaction (one read per pass, not one
+    per partition: hundreds of partitions are made at once)."""
+
+    #: Elastic partitions not deleted and not backing off, each with its job's state (``job_state``,
+    #: ``job_partition_id``, ``job_cancel_requested``, ``job_requeue_requested``, ``job_node_ids``).
+    rows: list[Any]
+    #: Partition id -> how many of its nodes are up (partitions booting).
+    nodes_up: dict[str, int]
+    #: Partition id -> an active job on it (partitions in use or idle that have one).
+    active: dict[str, str]
+
+
+def work(conn: Connection, now: datetime) -> Work:
     """Elastic partitions the loop has something to do for (not deleted; not backing off)."""
     query = (
-        select(partitions, flavors.c.name.label("flavor_name"))
+        select(
+            partitions,
+            flavors.c.name.label("flavor_name"),
+            jobs.c.state.label("job_state"),
+            jobs.c.partition_id.label("job_partition_id"),
+            jobs.c.cancel_requested.label("job_cancel_requested"),
+            jobs.c.requeue_requested.label("job_requeue_requested"),
+            jobs.c.node_ids.label("job_node_ids"),
+        )
         .outerjoin(flavors, flavors.c.id == partitions.c.flavor_id)
+        .outerjoin(jobs, jobs.c.id == partitions.c.job_id)
         .where(
             partitions.c.static.is_(False),
             partitions.c.state.in_(LIVE),
@@ -136,7 +159,10 @@ def work(conn: Connection, now: datetime) -> list[Any]:
         )
         .order_by(partitions.c.created_at)
     )
-    return list(conn.execute(query))
+    rows = list(conn.execute(query))
+    booting = [r.id for r in rows if r.state == "booting"]
+    held = [r.id for r in rows if r.state in SCHEDULABLE]
+    return Work(rows, up_counts(conn, booting), active_jobs(conn, held))
 
 
 def get(conn: Connection, partition_id: str) -> Any:
@@ -148,13 +174,22 @@ def set_state(conn: Connection, /, partition_id: str, now: datetime, **values: A
 
 
 def node_states(conn: Connection, partition_id: str) -> list[Any]:
-    return list(
-        conn.execute(
-            select(nodes.c.id, nodes.c.name, nodes.c.ip, nodes.c.host, nodes.c.state_power).where(
-                nodes.c.partition_id == partition_id
-            )
-        )
+    return nodes_of(conn, [partition_id]).get(partition_id, [])
+
+
+def nodes_of(conn: Connection, partition_ids: list[str]) -> dict[str, list[Any]]:
+    """The nodes of each partition (one query for many partitions)."""
+    found: dict[str, list[Any]] = {}
+    if not partition_ids:
+        return found
+    rows = conn.execute(
+        select(
+            nodes.c.id, nodes.c.name, nodes.c.ip, nodes.c.host, nodes.c.state_power, nodes.c.partition_id
+        ).where(nodes.c.partition_id.in_(partition_ids))
     )
+    for row in rows:
+        found.setdefault(row.partition_id, []).append(row)
+    return found
 
 
 def up_counts(conn: Connection, partition_ids: list[str]) -> dict[str, int]:
@@ -186,13 +221,24 @@ def job_of(conn: Connection, job_id: str | None) -> Any:
     ).first()
 
 
-def active_jobs_on(conn: Connection, partition_id: str) -> list[str]:
+def active_jobs(conn: Connection, partition_ids: list[str]) -> dict[str, str]:
+    """Partition id -> one active job on it, for the partitions that have one (one query for many)."""
+    if not partition_ids:
+        return {}
     rows = conn.execute(
-        select(jobs.c.id).where(
-            jobs.c.partition_id == partition_id, jobs.c.state.in_([s.value for s in ACTIVE_STATES])
-        )
+        select(jobs.c.partition_id, func.min(jobs.c.id))
+        .where(jobs.c.partition_id.in_(partition_ids), jobs.c.state.in_([s.value for s in ACTIVE_STATES]))
+        .group_by(jobs.c.partition_id)
     )
-    return [r.id for r in rows]
+    return {r[0]: str(r[1]) for r in rows}
+
+
+def job_specs(conn: Connection, job_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """Job id -> its spec (what the provider must be told: ports to open, preemptible)."""
+    if not job_ids:
+        return {}
+    rows = conn.execute(select(jobs.c.id, jobs.c.spec).where(jobs.c.id.in_(job_ids)))
+    return {r.id: dict(r.spec or {}) for r in rows}
 
 
 def forget_nodes(conn: Connection, partition_id: str) -> None:
