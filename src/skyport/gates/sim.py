@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import ipaddress
 import json
@@ -955,8 +956,8 @@ class SimGate:
             log.info("sim: partition failed to boot", partition=record.partition_id)
             return
         try:
-            for instance in record.instances:
-                await self._start_vm(record, instance)
+            for n, instance in enumerate(record.instances):
+                await self._start_vm(record, instance, last=n == len(record.instances) - 1)
         except ProvisionerError as exc:
             record.state = "failed"
             record.message = str(exc)
@@ -967,15 +968,24 @@ class SimGate:
             record.message = f"InternalError: the sim could not start a VM: {exc}"
             await self._save(record)
             return
+        if record.state != "ready":
+            self._mark_ready(record)
+            await self._save(record)
+        log.info("sim: partition ready", partition=record.partition_id)
+
+    def _mark_ready(self, record: PartitionRecord) -> None:
         record.state = "ready"
         record.ready_at = self._clock()
         record.message = f"{len(record.instances)} instance(s) running"
-        await self._save(record)
-        log.info("sim: partition ready", partition=record.partition_id)
 
-    async def _start_vm(self, record: PartitionRecord, instance: Instance) -> None:
-        """Start the VM's agent (once: an agent that runs already, maybe from before a restart, is kept)."""
+    async def _start_vm(self, record: PartitionRecord, instance: Instance, *, last: bool = False) -> None:
+        """Start the VM's agent (once: an agent that runs already, maybe from before a restart, is kept).
+        ``last``: the partition's last VM (a pooled one's record is then saved ready at once)."""
         if instance.pid and _start_time(instance.pid) == instance.pid_start:
+            return
+        pooled = self.config.agents_per_process > 1 and not self.config.netns
+        if pooled and not instance.workroot:
+            await self._join_pool(record, instance, last)
             return
         if not instance.workroot:
             parent = self.config.workroot_parent or Path(tempfile.gettempdir())
@@ -989,8 +999,8 @@ class SimGate:
                 instance.pid, instance.pid_start = running.pid, running.start
                 await self._save(record)
                 return
-        if self.config.agents_per_process > 1 and not self.config.netns:
-            await self._join_pool(record, instance)
+        if pooled:
+            await self._join_pool(record, instance, last)
             return
         if self.config.netns and not instance.netns:
             taken = {i.address for r in (await self._loaded()).values() for i in r.instances if i.address}
@@ -1004,8 +1014,12 @@ class SimGate:
         instance.pid_start = _start_time(child.pid) or 0
         await self._save(record)
 
-    async def _join_pool(self, record: PartitionRecord, instance: Instance) -> None:
-        """Run the VM's agent in a shared agent process: write its node file into a pool with room."""
+    async def _join_pool(self, record: PartitionRecord, instance: Instance, last: bool) -> None:
+        """Run the VM's agent in a shared agent process: write its node file into a pool with room.
+
+        Its files are written in one thread hop (hundreds of VMs boot at once, and the core's event loop
+        runs this): the workroot, recorded before anything can use it; the node file; the record again,
+        with the pool (and the partition ready, after its last VM)."""
         flavor = self._flavor(record.flavor)
         vm = Path(instance.vm_dir)
         user = self.config.default_user or ("nobody" if os.geteuid() == 0 else None)
@@ -1014,7 +1028,7 @@ class SimGate:
             ca_file=str(vm / "ca.pem"),
             token_file=str(vm / "user-data"),
             state_dir=str(vm / "agent"),
-            workroot=instance.workroot,
+            workroot=instance.workroot,  # made with the node file when not yet
             cpus=flavor.cpus,
             mem=flavor.mem,
             gpus=flavor.gpus,
@@ -1023,9 +1037,26 @@ class SimGate:
             labels={"sim-instance": instance.id, "flavor": flavor.id, "region": record.region},
         )
         pool, proc = await self._pool_with_room()
-        await asyncio.to_thread(_write_atomic, pool / f"{instance.id}.json", member.to_json().encode())
-        instance.pool, instance.pid, instance.pid_start = str(pool), proc.pid, proc.start
-        await self._save(record)
+        parent = self.config.workroot_parent or Path(tempfile.gettempdir())
+        prefix = f"{_workroot_prefix(self._tag)}{instance.id}-"
+        path = _record_file(self.state_dir, record.partition_id)
+
+        def write() -> None:
+            if not instance.workroot:
+                instance.workroot = _make_workroot(parent, prefix)
+                _write_atomic(path, json.dumps(record.to_dict()).encode())
+            node = dataclasses.replace(member, workroot=instance.workroot)
+            _write_atomic(pool / f"{instance.id}.json", node.to_json().encode())
+            instance.pool, instance.pid, instance.pid_start = str(pool), proc.pid, proc.start
+            if last:
+                self._mark_ready(record)
+            _write_atomic(path, json.dumps(record.to_dict()).encode())
+
+        try:
+            await asyncio.to_thread(write)
+        except BaseException:
+            self._leave_pool(pool)
+            raise
 
     async def _pool_with_room(self) -> tuple[Path, _Proc]:
         """A running agent pool with fewer than ``agents_per_process`` nodes (started when none has).
@@ -1044,12 +1075,13 @@ class SimGate:
                 }
             for directory, entry in sorted(self._pool_cache.items()):
                 proc, members = entry
+                if members >= self.config.agents_per_process:
+                    continue
                 if _start_time(proc.pid) != proc.start:  # it exited (idle) or died
                     del self._pool_cache[directory]
                     continue
-                if members < self.config.agents_per_process:
-                    entry[1] = members + 1
-                    return directory, proc
+                entry[1] = members + 1
+                return directory, proc
             directory = root / f"p{secrets.token_hex(4)}"
             await asyncio.to_thread(directory.mkdir, mode=0o700)
             argv = [
@@ -1066,6 +1098,12 @@ class SimGate:
                 raise ProvisionerError("InternalError: the sim could not start an agent pool", transient=True)
             self._pool_cache[directory] = [started, 1]
             return directory, started
+
+    def _leave_pool(self, pool: Path) -> None:
+        """A node of the pool is gone (or never joined): room for another."""
+        entry = (self._pool_cache or {}).get(pool)
+        if entry is not None:
+            entry[1] = max(0, entry[1] - 1)
 
     def _pools(self) -> dict[str, _Proc]:
         """Running agent pools of this sim, by directory."""
@@ -1170,9 +1208,7 @@ class SimGate:
         for instance in record.instances:  # a pooled agent stops when its node file goes
             if instance.pool:
                 await asyncio.to_thread((Path(instance.pool) / f"{instance.id}.json").unlink, True)
-                entry = (self._pool_cache or {}).get(Path(instance.pool))
-                if entry is not None:
-                    entry[1] = max(0, entry[1] - 1)
+                self._leave_pool(Path(instance.pool))
         markers = [m for i in record.instances for m in (i.workroot, str(Path(i.vm_dir) / "agent"))]
         namespaces = [i.netns for i in record.instances if i.netns]
         survivors = await asyncio.to_thread(_kill_all, markers, namespaces)
