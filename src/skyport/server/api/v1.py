@@ -124,12 +124,14 @@ async def wait_job(
     timeout: Annotated[float, Query(ge=0, le=MAX_WAIT_S)] = 30.0,
 ) -> Job:
     """Returns when the job is in a final state, or after ``timeout`` seconds with the job as it is."""
-    job = await _job(core, principal, job_id)
     deadline = core.clock.monotonic() + timeout
-    while not job.state.terminal and (left := deadline - core.clock.monotonic()) > 0:
-        await core.notifier.wait(job.id, left)
-        job = await _job(core, principal, job_id)
-    return job
+    while True:
+        with core.notifier.watching(job_id) as changed:  # before the read: no change slips between
+            job = await _job(core, principal, job_id)
+            left = deadline - core.clock.monotonic()
+            if job.state.terminal or left <= 0:
+                return job
+            await asyncio.wait([changed], timeout=left)
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=Job, summary="Cancel a job")

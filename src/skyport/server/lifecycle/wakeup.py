@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import NoReturn
 
 import structlog
@@ -54,17 +54,22 @@ class JobNotifier:
             if not fut.done():
                 fut.set_result(None)
 
-    async def wait(self, job_id: str, timeout: float) -> None:
-        """Return when the job changes state, or after ``timeout`` seconds, whichever comes first."""
+    @contextlib.contextmanager
+    def watching(self, job_id: str) -> Iterator[asyncio.Future[None]]:
+        """A future that completes at the job's next change. Enter it *before* reading the job: a change
+        between the read and the wait is then seen, not slept through until the timeout."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters[job_id].append(fut)
         try:
-            await asyncio.wait_for(fut, timeout)
-        except TimeoutError:
-            pass
+            yield fut
         finally:
             waiters = self._waiters.get(job_id)
             if waiters and fut in waiters:
                 waiters.remove(fut)
                 if not waiters:
                     del self._waiters[job_id]
+
+    async def wait(self, job_id: str, timeout: float) -> None:
+        """Return when the job changes state, or after ``timeout`` seconds, whichever comes first."""
+        with self.watching(job_id) as changed:
+            await asyncio.wait([changed], timeout=timeout)
