@@ -7,7 +7,8 @@ a Python process per simulated VM costs ~0.7 s of CPU and ~55 MB to start, which
 
 A pool watches a directory: a ``<name>.json`` file there (written atomically) is a node to run
 (:class:`PoolMember`); removing the file stops that node's agent (its jobs are the caller's to kill,
-as a VM's are when the VM goes). The pool exits once it has had no node for ``idle_exit_s``.
+as a VM's are when the VM goes). The pool exits once it has had no node for ``idle_exit_s`` (a pool
+started ahead of its nodes waits ``start_grace_s`` for the first one).
 """
 
 from __future__ import annotations
@@ -56,13 +57,16 @@ class PoolMember:
 
 
 class AgentPool:
-    def __init__(self, directory: Path, *, idle_exit_s: float = 5.0) -> None:
+    def __init__(self, directory: Path, *, idle_exit_s: float = 5.0, start_grace_s: float = 0.0) -> None:
         self._dir = directory
         self._idle_exit_s = idle_exit_s
+        #: How long a pool started ahead of its nodes waits for the first one (then ``idle_exit_s``).
+        self._start_grace_s = start_grace_s
         self._members: dict[str, asyncio.Task[None]] = {}
 
     async def run(self) -> None:
         idle_since = asyncio.get_running_loop().time()
+        idle_exit_s = max(self._idle_exit_s, self._start_grace_s)
         while True:
             wanted = await asyncio.to_thread(self._scan)
             for name in set(self._members) - wanted.keys():
@@ -75,8 +79,8 @@ class AgentPool:
                     del self._members[name]
             now = asyncio.get_running_loop().time()
             if self._members or wanted:
-                idle_since = now
-            elif now - idle_since >= self._idle_exit_s:
+                idle_since, idle_exit_s = now, self._idle_exit_s
+            elif now - idle_since >= idle_exit_s:
                 log.info("agent pool idle; exiting", directory=str(self._dir))
                 return
             await asyncio.sleep(SCAN_INTERVAL_S)  # the directory is the interface: polled, bounded

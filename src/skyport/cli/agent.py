@@ -215,6 +215,7 @@ def port_forward(
 def agent_pool(
     directory: Annotated[Path, typer.Argument(help="Directory of node files (<name>.json) to run")],
     idle_exit: Annotated[float, typer.Option(help="Exit after this many seconds without a node")] = 5.0,
+    start_grace: Annotated[float, typer.Option(help="Wait this long for the first node")] = 0.0,
 ) -> None:
     """Run several node agents in one process, one per node file in DIRECTORY (simulated clouds).
 
@@ -227,7 +228,7 @@ def agent_pool(
 
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(AgentPool(directory, idle_exit_s=idle_exit).run())
+        asyncio.run(AgentPool(directory, idle_exit_s=idle_exit, start_grace_s=start_grace).run())
 
 
 def register(app: typer.Typer) -> None:

@@ -84,6 +84,8 @@ RECORD_VERSION = 1
 KILL_DEADLINE_S = 15.0
 #: Lines of an agent's log quoted when its VM stops on its own.
 LOG_TAIL_LINES = 3
+#: Seconds an agent pool without nodes waits before it exits.
+POOL_IDLE_EXIT_S = 2.0
 IP = "/usr/sbin/ip" if os.path.exists("/usr/sbin/ip") else "ip"
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
@@ -759,8 +761,25 @@ class SimGate:
             await self._save(record)
             records[record.partition_id] = record
         log.info("sim: partition creating", remote=self.remote_name, partition=record.partition_id)
+        await self._reserve_pools(record)
         self._schedule_boot(record)
         return _status(record)
+
+    def _pooled(self) -> bool:
+        return self.config.agents_per_process > 1 and not self.config.netns
+
+    async def _reserve_pools(self, record: PartitionRecord) -> None:
+        """Pooled VMs get their agent pool when they are created, so that the pool's interpreter starts
+        during the boot latency (as a VM's operating system does), not after it; a VM's own agent (its
+        key, enrolment, connection) still starts only when it has booted. A pool that gets no VM exits
+        soon after the boot was due."""
+        if not self._pooled():
+            return
+        grace = max(0.0, record.boot_at - self._clock()) + POOL_IDLE_EXIT_S
+        for instance in record.instances:
+            if not instance.pool:
+                pool, _ = await self._pool_with_room(grace)
+                instance.pool = str(pool)
 
     async def get_partition(self, partition_id: str) -> PartitionStatus | None:
         records = await self._loaded()
@@ -983,7 +1002,7 @@ class SimGate:
         ``last``: the partition's last VM (a pooled one's record is then saved ready at once)."""
         if instance.pid and _start_time(instance.pid) == instance.pid_start:
             return
-        pooled = self.config.agents_per_process > 1 and not self.config.netns
+        pooled = self._pooled()
         if pooled and not instance.workroot:
             await self._join_pool(record, instance, last)
             return
@@ -1036,7 +1055,7 @@ class SimGate:
             heartbeat_s=self.config.agent_heartbeat_s,
             labels={"sim-instance": instance.id, "flavor": flavor.id, "region": record.region},
         )
-        pool, proc = await self._pool_with_room()
+        pool, proc = await self._reserved_pool(instance)
         parent = self.config.workroot_parent or Path(tempfile.gettempdir())
         prefix = f"{_workroot_prefix(self._tag)}{instance.id}-"
         path = _record_file(self.state_dir, record.partition_id)
@@ -1058,7 +1077,16 @@ class SimGate:
             self._leave_pool(pool)
             raise
 
-    async def _pool_with_room(self) -> tuple[Path, _Proc]:
+    async def _reserved_pool(self, instance: Instance) -> tuple[Path, _Proc]:
+        """The pool reserved for the VM when it was created, if that pool still runs; else one with room."""
+        entry = (self._pool_cache or {}).get(Path(instance.pool)) if instance.pool else None
+        if entry is not None and _start_time(entry[0].pid) == entry[0].start:
+            return Path(instance.pool), entry[0]
+        if entry is not None:
+            self._leave_pool(Path(instance.pool))
+        return await self._pool_with_room()
+
+    async def _pool_with_room(self, grace_s: float = 0.0) -> tuple[Path, _Proc]:
         """A running agent pool with fewer than ``agents_per_process`` nodes (started when none has).
 
         Pools are remembered (process and node count) so that booting hundreds of VMs does not scan
@@ -1089,7 +1117,9 @@ class SimGate:
                 "agent-pool",
                 str(directory),
                 "--idle-exit",
-                "2",
+                str(POOL_IDLE_EXIT_S),
+                "--start-grace",
+                f"{grace_s:.1f}",
             ]
             child = await asyncio.to_thread(self._spawn, argv, directory)
             self._children[child.pid] = child
