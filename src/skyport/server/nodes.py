@@ -16,6 +16,7 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import structlog
 from cryptography import x509
@@ -96,13 +97,10 @@ class NodeEnrolment:
 
     async def hello(self, node_id: str, host: str, ip: str, resources: dict[str, object]) -> None:
         """An agent connected and described its node: record its capacity; it is up."""
-        granted = await self._store.read(enrol_store.node_enrolment, node_id)
-        if granted is None:
-            raise EnrolmentError(401, "this node is no longer known to the core: enrol it again")
         labels = resources.get("labels") or {}
-        await self._store.write(
-            enrol_store.register_node,
-            granted,
+        known = await self._store.write(  # one transaction: hundreds of agents say hello at once
+            _refresh,
+            node_id,
             host=host,
             ip=ip,
             cpus=max(1, int(str(resources.get("cpus", 1)))),
@@ -111,6 +109,8 @@ class NodeEnrolment:
             labels={str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {},
             now=self._clock.now(),
         )
+        if not known:
+            raise EnrolmentError(401, "this node is no longer known to the core: enrol it again")
 
     async def identify(self, node_id: str) -> enrol_store.Enrolment | None:
         return await self._store.read(enrol_store.node_enrolment, node_id)
@@ -148,6 +148,14 @@ def _create_token(conn: Connection, remote_id: str, node_name: str, ttl: timedel
         ttl=ttl,
         now=now,
     )
+
+
+def _refresh(conn: Connection, node_id: str, /, **values: Any) -> bool:
+    """Record a known node's capacity as its agent describes it; False if the node is not known."""
+    granted = enrol_store.node_enrolment(conn, node_id)
+    if granted is not None:
+        enrol_store.register_node(conn, granted, **values)
+    return granted is not None
 
 
 def _redeem_and_register(
