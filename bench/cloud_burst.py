@@ -116,9 +116,17 @@ def main() -> None:
             started = time.perf_counter()
             jobs = asyncio.run(_submit_all(core))
             submitted = time.perf_counter() - started
-            wait_for(lambda: _count(core, JobState.RUNNING) >= JOBS, 600, "every job to run", interval=0.5)
+            wait_for(
+                lambda: _count(core, JobState.RUNNING) >= JOBS or _count(core, JobState.FAILED),
+                600,
+                "every job to run",
+                interval=0.5,
+            )
             all_running = time.perf_counter() - started
             failed = _count(core, JobState.FAILED)
+            if failed:  # a failed job never runs: say why instead of waiting for it
+                why = core.client().jobs([JobState.FAILED], limit=5).items
+                raise SystemExit(f"{failed} job(s) failed, e.g. {[(j.reason, j.state_details) for j in why]}")
             stages = _stages(core, jobs)
             c = core.client()
             for job_id in jobs:
