@@ -5,7 +5,10 @@ the sim for 500 VMs at once (bounded only by the remote's ``max_creating``), the
 agents enrol and connect, and the jobs are placed and started on them. The figure is the time from the
 first submission until all 500 run, against the ideal: the boot latency itself (the jobs stage nothing).
 VMs' agents share processes (``agents_per_process``) — 500 Python processes do not fit this machine — but
-each is still a node of its own with its own key, certificate, connection and jobs.
+each is still a node of its own with its own key, certificate, connection and jobs. The sim picks (and
+starts) a VM's shared agent process when the VM is created, so that interpreter starts during the boot
+latency, as a VM's operating system would; the VM's own agent (key, enrolment, connection) starts only
+once its 30 s are over. The sim runs inside the core's process, as a ``kind = "sim"`` remote does.
 
 The peer is that ideal (what an infinitely fast core would achieve on this cloud), so the ratio is our
 overhead. Run: ``.venv/bin/python bench/cloud_burst.py`` (needs ~4 minutes).
