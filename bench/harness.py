@@ -19,11 +19,11 @@ from skyport.server.admin import init_home
 from skyport.server.settings import Settings
 
 VENV_BIN = Path(sys.executable).parent
-#: Where benchmark cores keep their home and job directories. /var/tmp (on disk, reachable by the job
-#: accounts) rather than /tmp: on the development machine /tmp's crowded directory blocks made every new
-#: file or directory cost 300-450 us of kernel CPU against 30-70 us elsewhere on the same disk, which
-#: measured that directory, not Sky Port. ``BENCH_TMPDIR=/tmp`` measures it anyway.
-BENCH_TMPDIR = os.environ.get("BENCH_TMPDIR", "/var/tmp")
+#: Where benchmark cores keep their home and job directories (default: the system's temporary
+#: directory). On the development machine a new file or directory costs from 30 us to over 1 ms of
+#: kernel CPU depending on the directory and on how much was deleted near it lately, so a run that
+#: makes thousands of entries says where it ran.
+BENCH_TMPDIR = os.environ.get("BENCH_TMPDIR") or tempfile.gettempdir()
 
 
 class BenchCore:

@@ -388,6 +388,7 @@ class SchedulerLoop:
         self._on_placed = on_placed
         self._depth = MIN_PAGE if settings.algorithm == "fcfs" else BACKFILL_DEPTH
         self._page = self._depth
+        self._last_pass_s = 0.0
         # When the last pass could start nothing more: the head's priority, and whether any capacity
         # was left free (backfill could use it). None: not blocked.
         self._blocked_at: int | None = None
@@ -434,7 +435,10 @@ class SchedulerLoop:
         await run_passes(self.pass_once, self._wait, "scheduler")
 
     async def _wait(self) -> None:
-        await asyncio.sleep(MIN_PASS_INTERVAL_S)  # rate limit, not synchronisation
+        # Rate limit, not synchronisation: at least as long as the last pass took, so that a deep queue
+        # (every pass reads and plans up to BACKFILL_DEPTH jobs) costs at most about half a core while
+        # jobs end hundreds of times a second; each pass then places more of them.
+        await asyncio.sleep(max(MIN_PASS_INTERVAL_S, self._last_pass_s))
         await self.wakeup.wait(self._interval)
 
     async def pass_once(self) -> Plan:
@@ -456,6 +460,7 @@ class SchedulerLoop:
         snapshot = read.snapshot
         if not snapshot.jobs:
             self._blocked_at = None
+            self._last_pass_s = self._clock.monotonic() - started
             return Plan()
         decided = plan(snapshot, now)
         await self._record(decided, read.node_rows, read.pending_rows, now)
@@ -470,7 +475,8 @@ class SchedulerLoop:
         else:  # the whole page went: more may fit, look again at once with a larger page
             self._page = min(self._page * 4, MAX_PAGE)
             self.wakeup.ring()
-        self._metrics.scheduler_pass.observe(self._clock.monotonic() - started)
+        self._last_pass_s = self._clock.monotonic() - started
+        self._metrics.scheduler_pass.observe(self._last_pass_s)
         if decided.placements or decided.forwards:
             self._on_placed.ring()
         if decided.provisions:
