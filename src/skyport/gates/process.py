@@ -33,6 +33,7 @@ import logging
 import os
 import pwd
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -137,9 +138,8 @@ class LaunchError(Exception):
 class LaunchRequest:
     """Everything needed to start one attempt of a job.
 
-    ``control_dir`` holds the executor's own files (pid, status, the job script). The launch creates it
-    (so one directory serves exactly one launch) in a parent the job's user must not be able to write.
-    Relative ``stdout_path``,
+    ``control_dir`` holds the executor's own files (pid, status, the job script); it must not be
+    writable by the job's user, and one directory serves exactly one launch. Relative ``stdout_path``,
     ``stderr_path`` and ``stdin_path`` are taken relative to ``workdir``. Exactly one of ``argv`` and
     ``script`` is given.
     """
@@ -539,19 +539,26 @@ class ProcessExecutor:
         return _Account(pw.pw_name, pw.pw_uid, pw.pw_gid, groups, pw.pw_dir or "/", pw.pw_shell or "/bin/sh")
 
     def _claim_control_dir(self, cdir: str, job_account: _Account | None) -> None:
-        """Claim the control directory by creating it: ``mkdir`` is atomic and exclusive.
+        """Create the control directory if needed and claim it by creating ``pid`` exclusively.
 
-        An existing directory makes a second launch into it fail loudly instead of running the job twice
-        (after a crash, call :meth:`probe` instead). One system call, because a launch is a hot path and
-        creating an entry is the costly part of it on a busy filesystem.
+        The exclusive create makes a second launch into the same directory fail loudly instead of
+        running the job twice (after a crash, call :meth:`probe` instead). The wrapper overwrites the
+        empty file with its pid.
         """
+        try:
+            os.mkdir(cdir, 0o711)
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            os.makedirs(cdir, 0o711, exist_ok=True)
         if job_account is not None:
             self._check_control_dir(cdir, job_account)
         try:
-            os.mkdir(cdir, 0o711)
-        except FileNotFoundError:
-            os.makedirs(os.path.dirname(cdir), 0o711, exist_ok=True)
-            os.mkdir(cdir, 0o711)
+            os.close(
+                os.open(
+                    os.path.join(cdir, PID_FILE), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644
+                )
+            )
         except FileExistsError:
             raise LaunchError(
                 f"control directory {cdir} already holds a launch: use probe() to find it, "
@@ -563,28 +570,21 @@ class ProcessExecutor:
     @staticmethod
     def _release_claim(cdir: str) -> None:
         """Undo :meth:`_claim_control_dir` after a launch that started nothing."""
-        for name in (PID_FILE, SCRIPT_FILE, SETUP_ERR_FILE, CANCEL_FILE):
+        for name in (PID_FILE, SCRIPT_FILE):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(cdir, name))
-        with contextlib.suppress(FileNotFoundError):
-            os.rmdir(cdir)
 
     @staticmethod
     def _check_control_dir(cdir: str, account: _Account) -> None:
-        """Refuse a control directory in a parent the job's user could write: they could swap the new
-        directory for one of theirs and forge the pid or status in it (a sticky parent, like /tmp, only
-        lets them move their own entries)."""
-        parent = os.path.dirname(cdir)
-        try:
-            st = os.stat(parent)
-        except FileNotFoundError:
-            return  # made by the claim, as ours
+        """Refuse a control directory the job's user could write (it could forge pid or status)."""
+        st = os.lstat(cdir)
+        if not stat.S_ISDIR(st.st_mode):
+            raise LaunchError(f"control directory {cdir} is not a directory (a symlink is refused too)")
         group_writable = bool(st.st_mode & stat.S_IWGRP) and st.st_gid in account.groups
-        others_writable = bool(st.st_mode & stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX
-        if st.st_uid == account.uid or others_writable or group_writable:
+        if st.st_uid == account.uid or st.st_mode & stat.S_IWOTH or group_writable:
             raise LaunchError(
-                f"control directory {cdir} is in {parent}, which the job's user {account.name!r} can "
-                "write; it must belong to the executor's account and be writable by it alone"
+                f"control directory {cdir} is writable by the job's user {account.name!r}; it must belong "
+                "to the executor's account and be writable by it alone"
             )
 
     @staticmethod
@@ -730,13 +730,18 @@ class ProcessExecutor:
         dir_fd = _open_dir_trusted(parent)
         if dir_fd is None:
             return
+        # Made under a temporary name, given to the user, then renamed into place: a crash of the core
+        # between the mkdir and the chown must not leave a root-owned workdir the job cannot enter.
+        temporary = f".{name}.{secrets.token_hex(4)}.new"
         try:
-            os.mkdir(name, 0o700, dir_fd=dir_fd)
-            os.chown(name, account.uid, account.gid, dir_fd=dir_fd, follow_symlinks=False)
-        except FileExistsError:
-            pass
+            os.mkdir(temporary, 0o700, dir_fd=dir_fd)
+            os.chown(temporary, account.uid, account.gid, dir_fd=dir_fd, follow_symlinks=False)
+            os.rename(temporary, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except OSError as exc:
-            raise LaunchError(f"cannot create the job's workdir {workdir}: {exc.strerror}") from None
+            with contextlib.suppress(OSError):
+                os.rmdir(temporary, dir_fd=dir_fd)
+            if not os.path.isdir(workdir):  # not made meanwhile by a launch of the same job
+                raise LaunchError(f"cannot create the job's workdir {workdir}: {exc.strerror}") from None
         finally:
             os.close(dir_fd)
 
@@ -764,15 +769,15 @@ class ProcessExecutor:
         """What became of a launch whose handle was never recorded (a crash between launch and record).
 
         Returns the handle of a wrapper that still runs, the job's exit status if it ended, or None if
-        nothing ever ran in ``control_dir``. A claim (the directory) whose wrapper never wrote its pid and
-        runs nowhere (the core died between claiming and forking) is such a launch that never happened: the
-        claim is released so the job can be launched again — the wrapper writes its pid before the job
-        starts, so no job ran. A wrapper that vanished without a status is ``lost``.
+        nothing ever ran in ``control_dir``. A claim whose wrapper never wrote its pid and runs nowhere
+        (the core died between claiming and forking) is such a launch that never happened: the claim is
+        released so the job can be launched again — the wrapper writes its pid before the job starts, so
+        no job ran. A wrapper that vanished without a status is ``lost``.
         """
         cdir = os.path.abspath(control_dir)
-        if not os.path.isdir(cdir):
+        data = _read_small(os.path.join(cdir, PID_FILE))
+        if data is None:
             return None
-        data = _read_small(os.path.join(cdir, PID_FILE)) or b""
         done = _status_from_file(cdir)
         if done is not None:
             return _setup_failure(cdir, done)
