@@ -85,7 +85,9 @@ def test_a_cloud_job_gets_a_partition_runs_there_and_the_partition_goes_away(
 def test_a_warm_partition_is_reused_by_the_next_job_of_the_same_account_and_flavor(
     make_core: Callable[..., CoreProcess],
 ) -> None:
-    core = make_core(idle_timeout_s=60)
+    # Warm for 10 s: long enough for the second job, short enough to see the partition go afterwards
+    # (a partition left warm when the test ends would leave its VM's agent running).
+    core = make_core(idle_timeout_s=10)
     c = core.client()
     first = c.submit(script="#!/bin/sh\n#SWM flavor small\ntrue\n")
     assert _ended(core, first.id) is JobState.COMPLETED
@@ -94,6 +96,7 @@ def test_a_warm_partition_is_reused_by_the_next_job_of_the_same_account_and_flav
     assert c.job(second.id).node_names == c.job(first.id).node_names, "the same VM served both"
     assert "provisioning" not in [e.reason for e in c.events(second.id)]
     assert len(sim_inventory(core.home / "sim" / REMOTE, netns=False).partitions) == 1
+    wait_for(lambda: _inventory_empty(core), 40, "the idle partition to be deleted after its idle timeout")
 
 
 def test_a_failed_create_fails_the_job_with_the_providers_words_and_leaves_nothing(
