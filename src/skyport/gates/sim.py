@@ -86,6 +86,8 @@ KILL_DEADLINE_S = 15.0
 LOG_TAIL_LINES = 3
 #: Seconds an agent pool without nodes waits before it exits.
 POOL_IDLE_EXIT_S = 2.0
+#: Seconds a pool started for VMs being created waits past their boot time for the first of them.
+POOL_START_MARGIN_S = 10.0
 IP = "/usr/sbin/ip" if os.path.exists("/usr/sbin/ip") else "ip"
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
@@ -775,7 +777,7 @@ class SimGate:
         soon after the boot was due."""
         if not self._pooled():
             return
-        grace = max(0.0, record.boot_at - self._clock()) + POOL_IDLE_EXIT_S
+        grace = max(0.0, record.boot_at - self._clock()) + POOL_START_MARGIN_S
         for instance in record.instances:
             if not instance.pool:
                 pool, _ = await self._pool_with_room(grace)
