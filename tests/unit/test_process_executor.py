@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -867,3 +868,33 @@ async def test_terminate_as_nobody(executor: ProcessExecutor, world_dir: Path) -
         await wait_group_ended(handle.pgid)
     finally:
         ready.close()
+
+
+async def test_a_script_runs_with_the_interpreter_and_argument_of_its_hash_bang_line(
+    executor: ProcessExecutor, tmp_path: Path
+) -> None:
+    """The #! line is split as the kernel splits it: the program, then the rest as one argument."""
+    script = "#!/bin/sh -e  \nfalse\necho 'not reached: -e stops the script'\n"
+    _, status = await run(executor, request(tmp_path, "e", argv=None, script=script))
+    assert status.exit_code == 1
+    assert (tmp_path / "e.work" / "stdout.log").read_bytes() == b""
+
+
+async def test_scripts_launched_from_several_threads_at_once_all_run(
+    executor: ProcessExecutor, tmp_path: Path
+) -> None:
+    """A launch's fork in one thread holds a writable descriptor of another launch's script until the
+    child's exec; executing that script then would fail (ETXTBSY, exit 126) at random. Scripts are
+    handed to their interpreter instead, so every one of many concurrent launches runs."""
+    requests = [
+        request(tmp_path, f"s{i}", argv=None, script=f"#!/bin/sh\nexit {i % 7}\n") for i in range(120)
+    ]
+    with ThreadPoolExecutor(max_workers=4) as threads:
+        handles = list(threads.map(executor.launch, requests))
+    outcomes = []
+    for handle in handles:
+        outcome = Outcome()
+        executor.watch(handle, outcome)
+        outcomes.append(outcome)
+    codes = [(await outcome.wait()).exit_code for outcome in outcomes]
+    assert codes == [i % 7 for i in range(120)]

@@ -405,6 +405,19 @@ def _open_dir_trusted(path: str) -> int | None:
     return None
 
 
+def _interpreter(script: str) -> list[str]:
+    """The interpreter of a ``#!`` line and its optional argument, split as Linux does: the program
+    up to the first blank, then the rest of the line (trimmed) as one argument, if any."""
+    line = script[2:].split("\n", 1)[0].strip(" \t")
+    program, _, argument = line.replace("\t", " ").partition(" ")
+    argument = argument.strip(" \t")
+    if not program:
+        raise LaunchError("the job script's #! line names no interpreter")
+    if "/" not in program:  # the kernel takes it relative to the working directory, not from PATH
+        program = f"./{program}"
+    return [program, argument] if argument else [program]
+
+
 def _shell_env(env: dict[str, str]) -> bytes:
     """The environment as ``export NAME='value'`` lines for the setup shell to source.
 
@@ -591,8 +604,12 @@ class ProcessExecutor:
     def _write_script(cdir: str, script: str) -> list[str]:
         """Store the job script in the control directory and return how to run it.
 
-        With a ``#!`` line the kernel picks the interpreter; without one, ``/bin/sh`` runs it. The file
-        is readable and executable by the job's user, who cannot change it.
+        With a ``#!`` line its interpreter runs it, chosen as the kernel would (:func:`_interpreter`);
+        without one, ``/bin/sh`` runs it. The script is handed to the interpreter, never executed itself:
+        a fork in another thread while the file was open for writing keeps a writable descriptor of it
+        until that child's own exec, and executing a file open for writing fails (ETXTBSY: the job would
+        end with 126 at random when several launches run at once). The file is readable and executable
+        by the job's user, who cannot change it.
         """
         path = os.path.join(cdir, SCRIPT_FILE)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o755)
@@ -600,7 +617,7 @@ class ProcessExecutor:
             os.write(fd, script.encode())
         finally:
             os.close(fd)
-        return [path] if script.startswith("#!") else ["/bin/sh", path]
+        return [*_interpreter(script), path] if script.startswith("#!") else ["/bin/sh", path]
 
     @staticmethod
     def _job_env(req: LaunchRequest, account: _Account) -> dict[str, str]:
