@@ -20,7 +20,7 @@ from skyport.server.settings import Settings
 
 VENV_BIN = Path(sys.executable).parent
 #: Where benchmark cores keep their home and job directories (default: the system's temporary
-#: directory). On the development machine a new file or directory costs from 30 us to over 1 ms of
+#: directory). On the development machine a new file or directory costs from ~15 us to over 1 ms of
 #: kernel CPU depending on the directory and on how much was deleted near it lately, so a run that
 #: makes thousands of entries says where it ran.
 BENCH_TMPDIR = os.environ.get("BENCH_TMPDIR") or tempfile.gettempdir()

@@ -412,7 +412,9 @@ def _interpreter(script: str) -> list[str]:
     program, _, argument = line.replace("\t", " ").partition(" ")
     argument = argument.strip(" \t")
     if not program:
-        raise LaunchError("the job script's #! line names no interpreter")
+        raise LaunchError(
+            "the job script's #! line names no interpreter: put its path after #!, e.g. #!/bin/sh"
+        )
     if "/" not in program:  # the kernel takes it relative to the working directory, not from PATH
         program = f"./{program}"
     return [program, argument] if argument else [program]
