@@ -47,7 +47,8 @@ MODES = {
 class Run:
     seconds: float
     core_cpu_s: float  # the core process (all its threads)
-    jobs_cpu_s: float  # the job processes it reaped (wrappers and jobs)
+    launcher_cpu_s: float  # the job launcher (the jobs' parent)
+    jobs_cpu_s: float  # the job processes (reaped by the launcher or the core)
 
 
 def _cpu(pid: int) -> tuple[float, float]:
@@ -55,6 +56,20 @@ def _cpu(pid: int) -> tuple[float, float]:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     tick = os.sysconf("SC_CLK_TCK")
     return (int(fields[11]) + int(fields[12])) / tick, (int(fields[13]) + int(fields[14])) / tick
+
+
+def _launcher_pid(workroot: Path) -> int | None:
+    """The job launcher serving ``workroot`` (it is the jobs' parent, so their CPU is its children's)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"skyport.gates.launcher" in argv and os.fsencode(workroot) in argv:
+            return int(entry)
+    return None
 
 
 def entry_cpu_s(directory: str, entries: int = 400) -> float:
@@ -78,25 +93,36 @@ def measure_ours(mode_env: dict[str, str]) -> Run:
         body = json.dumps({"command": ["true"], "name": "trivial"}).encode()
         request = build_request("POST", "localhost", "/api/v1/jobs", body, "application/json")
         db = sqlite3.connect(core.home / "skyport.db")
-        cpu_before = _cpu(core.proc.pid)
+        warm = asyncio.run(
+            run_load("127.0.0.1", core.port, core.ssl_context(), request, connections=1, total=1)
+        )
+        deadline = time.monotonic() + TIMEOUT_S
+        while (pid := _launcher_pid(core.workroot)) is None and time.monotonic() < deadline:
+            time.sleep(0.01)  # the first job started the launcher
+        if pid is None:
+            raise SystemExit(f"no job launcher runs for {core.workroot}: the first job did not start")
+        core_before, launcher_before = _cpu(core.proc.pid), _cpu(pid)
         started = time.perf_counter()
         result = asyncio.run(
             run_load("127.0.0.1", core.port, core.ssl_context(), request, connections=CLIENTS, total=JOBS)
         )
-        if result.statuses != {201: JOBS}:
+        if warm.statuses != {201: 1} or result.statuses != {201: JOBS}:
             raise SystemExit(f"submissions failed: {result.statuses}")
         deadline = time.monotonic() + TIMEOUT_S
         while True:
             done = db.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall()
             by_state = dict(done)
-            if by_state.get("completed", 0) == JOBS:
+            if by_state.get("completed", 0) == JOBS + 1:
                 break
             if by_state.get("failed") or time.monotonic() > deadline:
                 raise SystemExit(f"jobs did not all complete: {by_state}")
             time.sleep(0.01)  # polling the store from outside, not synchronising our own code
         seconds = time.perf_counter() - started
-        cpu_after = _cpu(core.proc.pid)
-        return Run(seconds, cpu_after[0] - cpu_before[0], cpu_after[1] - cpu_before[1])
+        core_after, launcher_after = _cpu(core.proc.pid), _cpu(pid)
+        jobs_cpu_s = core_after[1] - core_before[1] + launcher_after[1] - launcher_before[1]
+        return Run(
+            seconds, core_after[0] - core_before[0], launcher_after[0] - launcher_before[0], jobs_cpu_s
+        )
     finally:
         core.close()
 
@@ -130,7 +156,8 @@ def main() -> None:
             f"Sky Port core, local gate, jobs {mode} (HTTPS, {CLIENTS} clients)",
             f"{run.seconds:.2f}",
             f"{JOBS / run.seconds:,.0f}",
-            f"{run.core_cpu_s / JOBS * 1000:.2f} / {run.jobs_cpu_s / JOBS * 1000:.2f}",
+            f"{run.core_cpu_s / JOBS * 1000:.2f} / {run.launcher_cpu_s / JOBS * 1000:.2f} / "
+            f"{run.jobs_cpu_s / JOBS * 1000:.2f}",
         )
         for mode, run in ours.items()
     ]
@@ -139,7 +166,7 @@ def main() -> None:
         f"{JOBS} trivial jobs end to end on this machine (files in {BENCH_TMPDIR}: "
         f"{entry_s * 1e6:.0f} us of CPU per new entry there at the start)",
         rows,
-        ("runner", "seconds", "jobs/s", "CPU ms per job: core / job processes"),
+        ("runner", "seconds", "jobs/s", "CPU ms per job: core / launcher / jobs"),
     )
     own = ours["own account"]
     same_rate = JOBS / own.seconds
@@ -155,6 +182,7 @@ def main() -> None:
         "ours_s": round(own.seconds, 3),
         "jobs_per_s": round(same_rate, 1),
         "core_cpu_per_job_s": round(own.core_cpu_s / JOBS, 6),
+        "launcher_cpu_per_job_s": round(own.launcher_cpu_s / JOBS, 6),
         "job_processes_cpu_per_job_s": round(own.jobs_cpu_s / JOBS, 6),
         "psij_s": round(psij_s, 3),
         "psij_jobs_per_s": round(psij_rate, 1),

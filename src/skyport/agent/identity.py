@@ -6,6 +6,7 @@ agent's state directory (the key readable by the agent's account only).
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import os
@@ -82,6 +83,30 @@ class NodeIdentity:
 
     def enrol(self, token: str, ca_file: Path) -> dict[str, str]:
         """Trade a bootstrap token and a CSR for a node certificate."""
+        key_pem, body, context = self._enrolment_request(token, ca_file)
+        self._save(key_pem, self._answer(self._post(protocol.ENROL_PATH, body, context)))
+        return self.node()
+
+    async def enrol_async(self, token: str, ca_file: Path) -> dict[str, str]:
+        """:meth:`enrol` without holding a thread while the core answers.
+
+        An agent pool enrols dozens of nodes at once; with the blocking call each held one of the
+        pool's few worker threads for the whole round trip to a busy core, so the pool's other work
+        (noticing new nodes, launching jobs) queued behind enrolments for seconds. The files, the key
+        and the CSR are made in a thread; the request itself is awaited."""
+        key_pem, body, context = await asyncio.to_thread(self._enrolment_request, token, ca_file)
+        url = self.url.rstrip("/") + protocol.ENROL_PATH
+        try:
+            async with httpx.AsyncClient(verify=context, timeout=30.0) as client:
+                response = await client.post(url, json=body)
+        except httpx.HTTPError as exc:
+            raise CoreUnreachable(f"cannot reach the core at {self.url}: {exc}") from exc
+        await asyncio.to_thread(self._save, key_pem, self._answer(response))
+        return self.node()
+
+    def _enrolment_request(self, token: str, ca_file: Path) -> tuple[bytes, dict[str, str], ssl.SSLContext]:
+        """The node's side of an enrolment before it is sent: the key (made here, never sent), the
+        request carrying the token and the CSR, and TLS verifying the core against ``ca_file``."""
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.ca_path.write_bytes(ca_file.read_bytes())
         key = generate_key()
@@ -90,23 +115,24 @@ class NodeIdentity:
             "csr": make_csr(key, socket.gethostname()).decode(),
             "hostname": socket.gethostname(),
         }
-        answer = self._post(protocol.ENROL_PATH, body, self.server_context())
-        self._save(key_to_pem(key), answer)
-        return self.node()
+        return key_to_pem(key), body, self.server_context()
 
     def renew(self) -> None:
         """A fresh key and certificate, authenticated by the current one."""
         key = generate_key()
-        answer = self._post(
-            protocol.RENEW_PATH, {"csr": make_csr(key, socket.gethostname()).decode()}, self.client_context()
-        )
+        body = {"csr": make_csr(key, socket.gethostname()).decode()}
+        answer = self._answer(self._post(protocol.RENEW_PATH, body, self.client_context()))
         self._save(key_to_pem(key), answer)
 
-    def _post(self, path: str, body: dict[str, str], context: ssl.SSLContext) -> dict[str, str]:
+    def _post(self, path: str, body: dict[str, str], context: ssl.SSLContext) -> httpx.Response:
         try:
-            response = httpx.post(self.url.rstrip("/") + path, json=body, verify=context, timeout=30.0)
+            return httpx.post(self.url.rstrip("/") + path, json=body, verify=context, timeout=30.0)
         except httpx.HTTPError as exc:
             raise CoreUnreachable(f"cannot reach the core at {self.url}: {exc}") from exc
+
+    @staticmethod
+    def _answer(response: httpx.Response) -> dict[str, str]:
+        """The core's answer to an enrolment or renewal; a refusal raises with the core's reason."""
         if response.status_code != 200:
             try:
                 detail = response.json().get("detail", response.text)

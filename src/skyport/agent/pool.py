@@ -63,6 +63,8 @@ class AgentPool:
         #: How long a pool started ahead of its nodes waits for the first one (then ``idle_exit_s``).
         self._start_grace_s = start_grace_s
         self._members: dict[str, asyncio.Task[None]] = {}
+        #: What the last scan parsed: node name -> (inode of its file, the node).
+        self._parsed: dict[str, tuple[int, PoolMember]] = {}
 
     async def run(self) -> None:
         idle_since = asyncio.get_running_loop().time()
@@ -86,12 +88,30 @@ class AgentPool:
             await asyncio.sleep(SCAN_INTERVAL_S)  # the directory is the interface: polled, bounded
 
     def _scan(self) -> dict[str, PoolMember]:
+        """The node files in the directory. A file is parsed when it is new or was replaced (its inode
+        changed: files are written atomically), not on every scan: a pool of fifty nodes scanned five
+        times a second would otherwise read and parse 250 files a second, every second it runs."""
         found: dict[str, PoolMember] = {}
-        for path in self._dir.glob("*.json"):
-            try:
-                found[path.stem] = PoolMember.from_json(path.read_text())
-            except (OSError, ValueError, TypeError):
-                continue  # being written or removed right now: seen on the next scan
+        seen: dict[str, tuple[int, PoolMember]] = {}
+        try:
+            entries = list(os.scandir(self._dir))
+        except FileNotFoundError:
+            entries = []  # the directory was removed: no node left
+        for entry in entries:
+            name, ext = os.path.splitext(entry.name)
+            if ext != ".json":
+                continue
+            known = self._parsed.get(name)
+            if known is not None and known[0] == entry.inode():
+                member = known[1]
+            else:
+                try:
+                    member = PoolMember.from_json(Path(entry.path).read_text())
+                except (OSError, ValueError, TypeError):
+                    continue  # being written or removed right now: seen on the next scan
+            found[name] = member
+            seen[name] = (entry.inode(), member)
+        self._parsed = seen
         return found
 
     async def _stop(self, name: str) -> None:
@@ -107,7 +127,7 @@ class AgentPool:
         while not identity.enrolled():
             token = (await asyncio.to_thread(Path(member.token_file).read_text)).strip()
             try:
-                await asyncio.to_thread(identity.enrol, token, Path(member.ca_file))
+                await identity.enrol_async(token, Path(member.ca_file))
             except CoreUnreachable as exc:
                 log.info("core unreachable; enrolling later", node=name, error=str(exc))
                 await asyncio.sleep(delay)

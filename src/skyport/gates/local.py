@@ -32,7 +32,17 @@ from skyport.gates.base import (
     StreamTunnel,
     TunnelLink,
 )
-from skyport.gates.process import ExitStatus, LaunchError, LaunchRequest, ProcessExecutor, ProcessHandle
+from skyport.gates.launcher import Launcher, LauncherGone
+from skyport.gates.process import (
+    PID_FILE,
+    ExitStatus,
+    LaunchError,
+    LaunchRequest,
+    ProcessExecutor,
+    ProcessHandle,
+    kill_orphaned_group,
+    read_exit_status,
+)
 from skyport.models import Node
 from skyport.server.settings import LocalGateSettings
 
@@ -103,16 +113,34 @@ class UserMapper:
 class LocalGate:
     kind = "local"
 
-    def __init__(self, settings: LocalGateSettings, workroot: Path, *, private_inputs: bool = False) -> None:
+    def __init__(
+        self,
+        settings: LocalGateSettings,
+        workroot: Path,
+        *,
+        private_inputs: bool = False,
+        launcher: bool = False,
+    ) -> None:
         """``private_inputs``: each attempt's inputs directory is its own (the node agent's), so input
-        files are moved into the working directory rather than copied (the core's are shared)."""
+        files are moved into the working directory rather than copied (the core's are shared).
+
+        ``launcher``: jobs are started by the work root's launcher process (:mod:`skyport.gates.launcher`:
+        one exec per job, the core's way) rather than each under a wrapper shell forked from this
+        process (the node agent's way: fifty agents of a simulated cloud share a process, and a
+        launcher each would be fifty more processes).
+        """
         self._private_inputs = private_inputs
         self._settings = settings
         self._users = UserMapper(settings)
-        self._workroot = workroot
+        self._workroot = workroot = workroot.absolute()
         workroot.mkdir(parents=True, exist_ok=True, mode=0o711)
+        #: watches what the launcher cannot: jobs of a wrapper (the node agent's, or a core before the
+        #: launcher) and cancels of them
         self._executor = ProcessExecutor(allow_root=settings.allow_root)
-        self._launcher = ThreadPoolExecutor(max_workers=LAUNCH_THREADS, thread_name_prefix="local-launch")
+        self._launcher = Launcher(workroot, allow_root=settings.allow_root) if launcher else None
+        self._launch_threads = ThreadPoolExecutor(
+            max_workers=LAUNCH_THREADS, thread_name_prefix="local-launch"
+        )
 
     # -- capacity ------------------------------------------------------------------------------------
 
@@ -188,65 +216,103 @@ class LocalGate:
     # -- running -------------------------------------------------------------------------------------
 
     async def launch(self, job: JobLaunch) -> Handle:
-        """Start the job in one of the launch threads; many launches awaited together overlap."""
-        return await asyncio.get_running_loop().run_in_executor(self._launcher, self._launch, job)
+        """Start the job: through the launcher, or in one of the launch threads (many launches awaited
+        together overlap)."""
+        if self._launcher is None:
+            return await asyncio.get_running_loop().run_in_executor(self._launch_threads, self._launch, job)
+        request, uid = self._request(job)
+        try:
+            started = await self._launcher.launch(request)
+        except (LaunchError, LauncherGone) as exc:
+            raise GateError(str(exc)) from exc
+        if isinstance(started, int):  # the program could not be executed: the job ends at once
+            return {**self._handle(request, uid), "process": None, "not_run": started}
+        return {**self._handle(request, uid), "process": started.to_dict(), "launcher": True}
 
     def _launch(self, job: JobLaunch) -> Handle:
         try:
-            workdir = self._workdir(job)  # the executor creates it, safely, as the job's account
-            account = self._users.account(job.owner)
-            spec = job.spec
-            request = LaunchRequest(
-                job_id=job.job_id,
-                attempt=job.attempt,
-                workdir=workdir,
-                control_dir=self._control_dir(job),
-                argv=spec.command,
-                script=spec.script,
-                env=job.env,
-                stdout_path=self._in_workdir(workdir, spec.stdout, "stdout.log"),
-                stderr_path=self._in_workdir(workdir, spec.stderr, "stderr.log"),
-                stdin_path=self._in_workdir(workdir, spec.stdin, "") if spec.stdin else None,
-                run_as=account.name if account else None,
-            )
+            request, uid = self._request(job)
             process = self._executor.launch(request)
         except (LaunchError, OSError) as exc:
             raise GateError(str(exc)) from exc
+        return {**self._handle(request, uid), "process": process.to_dict()}
+
+    def _request(self, job: JobLaunch) -> tuple[LaunchRequest, int | None]:
+        """What the executor or the launcher needs to start ``job``, and the uid it runs as."""
+        workdir = self._workdir(job)  # the executor creates it, safely, as the job's account
+        account = self._users.account(job.owner)
+        spec = job.spec
+        request = LaunchRequest(
+            job_id=job.job_id,
+            attempt=job.attempt,
+            workdir=workdir,
+            control_dir=self._control_dir(job),
+            argv=spec.command,
+            script=spec.script,
+            env=job.env,
+            stdout_path=self._in_workdir(workdir, spec.stdout, "stdout.log"),
+            stderr_path=self._in_workdir(workdir, spec.stderr, "stderr.log"),
+            stdin_path=self._in_workdir(workdir, spec.stdin, "") if spec.stdin else None,
+            run_as=account.name if account else None,
+        )
+        return request, account.uid if account else None
+
+    @staticmethod
+    def _handle(request: LaunchRequest, uid: int | None) -> Handle:
         return {
-            "process": process.to_dict(),
-            "workdir": str(workdir),
+            "workdir": str(request.workdir),
             "stdout": str(request.stdout_path),
             "stderr": str(request.stderr_path),
-            "uid": account.uid if account else None,
+            "uid": uid,
         }
 
     def watch(self, job_id: str, handle: Handle, on_exit: ExitCallback) -> None:
-        process = ProcessHandle.from_dict(handle["process"])
-
-        def _ended(_: ProcessHandle, status: ExitStatus) -> None:
+        def _ended(status: ExitStatus) -> None:
             on_exit(job_id, Exit(status.exit_code, status.signal, status.reason, status.message))
 
-        self._executor.watch(process, _ended)
+        if handle.get("process") is None:  # never ran (see launch)
+            status = ExitStatus.from_shell_status(int(handle["not_run"]))
+            asyncio.get_running_loop().call_soon(_ended, status)
+            return
+        process = ProcessHandle.from_dict(handle["process"])
+        if self._launcher is not None and handle.get("launcher"):
+            self._launcher.watch(process, lambda code: _ended(self._launched_status(process, code)))
+        else:
+            self._executor.watch(process, lambda _, status: _ended(status))
+
+    @staticmethod
+    def _launched_status(process: ProcessHandle, code: int | None) -> ExitStatus:
+        """How a launcher's job ended: its status, else its status file, else (the launcher died and
+        the job may still run without anyone to record its end) its group is killed and it is lost."""
+        status = read_exit_status(process.control_dir, code)
+        if status is not None:
+            return status
+        kill_orphaned_group(process)
+        return ExitStatus(
+            exit_code=None,
+            signal=None,
+            reason="lost",
+            message="the launcher that ran the job ended unexpectedly; the job's processes were stopped",
+        )
 
     async def recover(self, job: JobLaunch, handle: Handle | None) -> Recovered:
-        if handle is not None:
+        if handle is not None and handle.get("process") is None and "not_run" in handle:
+            status = ExitStatus.from_shell_status(int(handle["not_run"]))
+            return Recovered(
+                handle=None, exit=Exit(status.exit_code, status.signal, status.reason, status.message)
+            )
+        if handle is not None and not handle.get("launcher"):
             process = ProcessHandle.from_dict(handle["process"])
-            if self._executor.adopt(process):
+            if self._executor.adopt(process):  # a wrapper's job
                 return Recovered(handle=handle, exit=None)
+        if self._launcher is not None:
+            return await self._recover_launched(job, handle)
         found = self._executor.probe(self._control_dir(job))
         if found is None:
             return Recovered(handle=None, exit=None)
         if isinstance(found, ProcessHandle):
-            workdir = self._workdir(job)
-            spec = job.spec
-            ids = self._owner_ids(job)
-            rebuilt = {
-                "process": found.to_dict(),
-                "workdir": str(workdir),
-                "stdout": str(self._in_workdir(workdir, spec.stdout, "stdout.log")),
-                "stderr": str(self._in_workdir(workdir, spec.stderr, "stderr.log")),
-                "uid": ids[0] if ids else None,
-            }
+            request, uid = self._request(job)
+            rebuilt = {**self._handle(request, uid), "process": found.to_dict()}
             if self._executor.adopt(found):
                 return Recovered(handle=rebuilt, exit=None)
             return Recovered(
@@ -254,8 +320,51 @@ class LocalGate:
             )
         return Recovered(handle=None, exit=Exit(found.exit_code, found.signal, found.reason, found.message))
 
+    async def _recover_launched(self, job: JobLaunch, handle: Handle | None) -> Recovered:
+        """After a restart of the core: ask the launcher, then the control directory."""
+        assert self._launcher is not None
+        cdir = self._control_dir(job)
+        try:
+            running = await self._launcher.query(cdir)
+        except LauncherGone as exc:
+            raise GateError(f"cannot reach the launcher: {exc}") from exc
+        if running is not None:
+            request, uid = self._request(job)
+            return Recovered(
+                handle={**self._handle(request, uid), "process": running.to_dict(), "launcher": True},
+                exit=None,
+            )
+        status = read_exit_status(str(cdir), None)
+        if status is not None:
+            return Recovered(
+                handle=None, exit=Exit(status.exit_code, status.signal, status.reason, status.message)
+            )
+        try:
+            claimed = (cdir / PID_FILE).exists()
+        except OSError:
+            claimed = True
+        if not claimed:
+            return Recovered(handle=None, exit=None)  # never launched: launch it now
+        if handle is not None and handle.get("process") is not None:
+            lost = self._launched_status(ProcessHandle.from_dict(handle["process"]), None)
+            return Recovered(handle=None, exit=Exit(None, None, lost.reason, lost.message))
+        # claimed but no launcher runs it: a launcher died while starting it, which may have started
+        return Recovered(
+            handle=None,
+            exit=Exit(None, None, "lost", "the launcher ended while starting the job; it may have run"),
+        )
+
     async def cancel(self, handle: Handle, grace_s: float) -> None:
-        self._executor.terminate(ProcessHandle.from_dict(handle["process"]), grace_s)
+        if handle.get("process") is None:
+            return  # never ran
+        process = ProcessHandle.from_dict(handle["process"])
+        if self._launcher is not None and handle.get("launcher"):
+            try:
+                await self._launcher.terminate(process, grace_s)
+            except LauncherGone as exc:
+                raise GateError(f"cannot reach the launcher: {exc}") from exc
+        else:
+            self._executor.terminate(process, grace_s)
 
     def log_path(self, handle: Handle, stream: str) -> Path | None:
         value = handle.get(stream)
@@ -265,7 +374,9 @@ class LocalGate:
         return await StreamTunnel.connect("127.0.0.1", port)
 
     def close(self) -> None:
-        self._launcher.shutdown(wait=True)
+        self._launch_threads.shutdown(wait=True)
+        if self._launcher is not None:
+            self._launcher.close()
         self._executor.close()
 
 

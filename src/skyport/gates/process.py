@@ -47,11 +47,14 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "PID_FILE",
     "ExitStatus",
     "LaunchError",
     "LaunchRequest",
     "ProcessExecutor",
     "ProcessHandle",
+    "kill_orphaned_group",
+    "read_exit_status",
 ]
 
 log = logging.getLogger(__name__)
@@ -381,6 +384,27 @@ def _setup_failure(control_dir: str, status: ExitStatus) -> ExitStatus:
     )
 
 
+def read_exit_status(control_dir: str, shell_status: int | None) -> ExitStatus | None:
+    """How the job of ``control_dir`` ended: ``shell_status`` (a shell's ``$?``) when its parent told,
+    else the status file; None when neither says. A failed setup as the job's user is recognised."""
+    if shell_status is not None:
+        status: ExitStatus | None = ExitStatus.from_shell_status(shell_status)
+    else:
+        status = _status_from_file(control_dir)
+    return None if status is None else _setup_failure(control_dir, status)
+
+
+def kill_orphaned_group(handle: ProcessHandle) -> None:
+    """KILL the process group of a job that nobody can record the end of any more (its launcher
+    died), but only while its leader is still that process (same start time, own group, not a zombie
+    reaped by no one yet), so that a reused pid is never hit."""
+    st = _read_stat(handle.pid)
+    if st is None or st.start_ticks != handle.start_ticks or st.pgid != handle.pgid or st.state == "Z":
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(handle.pgid, signal.SIGKILL)
+
+
 def _wait_status(result: os.waitid_result) -> ExitStatus:
     """An :class:`ExitStatus` from the wrapper's own wait status (used when it left no status file)."""
     if result.si_code == os.CLD_EXITED:
@@ -440,6 +464,10 @@ class ProcessExecutor:
     :param allow_root: allow jobs to run as uid 0 (refused by default: a job is user code).
     :param kill_leftovers: when a job's wrapper ends, KILL whatever is left in its process group
         (background processes the job started and did not wait for), as a batch system does.
+    :param wrapper: start each job under the wrapper (the default). Without it the job (or, for another
+        account, ``setpriv``) is this process's direct child, and recording its status and pid is the
+        caller's duty: that is the launcher's way (:mod:`skyport.gates.launcher`), a long-lived parent
+        that outlives the core, so that a job costs one exec instead of a shell, a fork and an exec.
     """
 
     def __init__(
@@ -449,8 +477,10 @@ class ProcessExecutor:
         allow_root: bool = False,
         kill_leftovers: bool = True,
         shell: str = "/bin/sh",
+        wrapper: bool = True,
     ) -> None:
         self._loop = loop_clock
+        self._wrapper = wrapper
         self._allow_root = allow_root
         self._kill_leftovers = kill_leftovers
         self._shell = shell
@@ -644,7 +674,10 @@ class ProcessExecutor:
         return env
 
     def _wrapper_argv(self, cdir: str, command: Sequence[str]) -> list[str]:
-        """The wrapper's argv; ``command`` only ever travels as positional parameters."""
+        """The wrapper's argv (``command`` only ever travels as positional parameters), or ``command``
+        itself for an executor without the wrapper."""
+        if not self._wrapper:
+            return list(command)
         return [self._shell, "-c", WRAPPER, WRAPPER_NAME, cdir, *command]
 
     def _spawn(
@@ -899,6 +932,12 @@ class ProcessExecutor:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(w.handle.pgid, signal.SIGKILL)
+
+    def forget_child(self, pid: int, returncode: int) -> None:
+        """Tell subprocess that someone else (the launcher) reaped our child ``pid``."""
+        proc, _ = self._children.pop(pid, (None, 0))
+        if proc is not None:
+            proc.returncode = returncode
 
     def _forget_child(self, pid: int, result: os.waitid_result | None) -> None:
         """Tell subprocess that we reaped its child, so it never waits for a pid that may be reused."""

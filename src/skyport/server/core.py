@@ -197,7 +197,7 @@ class Core:
         if not self.settings.local.enabled:
             return
         workroot = self.settings.local.workroot or self.settings.home / "work"
-        gate = LocalGate(self.settings.local, workroot)
+        gate = LocalGate(self.settings.local, workroot, launcher=True)
         remote_id = await self.store.write(_register_static_remote, gate, LOCAL_REMOTE, self.clock.now())
         self.gates[remote_id] = gate
         self._local = gate

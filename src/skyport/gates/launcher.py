@@ -1,0 +1,552 @@
+"""The launcher: one long-lived process per work root that is the parent of the local gate's jobs.
+
+Why a process of its own. A job's exit status must survive a crash of the core, so the core cannot be
+the job's parent. The :class:`~skyport.gates.process.ProcessExecutor` solves this with a shell wrapper
+per job (a shell, a fork and an exec for every job: about 1 ms of CPU, a quarter of what a trivial job
+costs end to end). The launcher solves it once: it starts each job directly (one exec), reaps it, writes
+its status file (the same ``CONTROL_DIR/status`` line the wrapper writes) and tells the core. It runs in
+a session of its own, so a ``kill -9`` of the core leaves it and its jobs running; the restarted core
+connects to it again and asks what became of each job.
+
+Protocol: JSON lines over a Unix socket in the work root (mode 0600: only the core's account). Requests
+are served one at a time, in order, from one connection at a time; a new connection (a restarted core)
+is served only after the previous one has ended and everything it sent has been done, so a restarted
+core's questions are answered after the dead core's last launch, never before.
+
+- ``{"op": "launch", "request": {...}}`` -> ``{"op": "launched", "cdir", "pid", "start_ticks"}``, or
+  ``{"op": "refused", "cdir", "error"}`` (nothing started), or ``{"op": "not_run", "cdir", "status",
+  "error"}`` (the program could not be executed: 127 or 126 as a shell would say, nothing ran).
+- ``{"op": "query", "cdir"}`` -> ``{"op": "running", "cdir", "pid", "start_ticks"}`` or
+  ``{"op": "not_running", "cdir"}`` (then the status file, if any, tells how it ended).
+- ``{"op": "terminate", "cdir", "grace_s"}``: TERM the job's process group now and KILL it after the
+  grace period unless it ended; no reply.
+- pushed: ``{"op": "exit", "cdir", "status"}`` when a job ended, after its status file was written.
+
+Crash safety, "never run a job twice": the launch claims the control directory by creating its ``pid``
+file exclusively before the fork and writes the pid into it after. A claim without a pid that no live
+launcher is running is a launcher that died between the two: the job may have started, so the core
+reports it ``lost``, never launches it again. Signals go only to a process group whose leader the
+launcher has not reaped yet, so a group id is never reused under them. The launcher leaves when no
+core is connected and no job runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from skyport.gates.process import (
+    PID_FILE,
+    STATUS_FILE,
+    LaunchError,
+    LaunchRequest,
+    ProcessExecutor,
+    ProcessHandle,
+)
+
+__all__ = ["Launcher", "LauncherGone", "serve"]
+
+log = logging.getLogger(__name__)
+
+SOCKET_NAME = "launcher.sock"
+LOCK_NAME = "launcher.lock"
+LOG_NAME = "launcher.log"
+#: Exit code of a launcher that found another one already serving the work root.
+EXIT_BUSY = 3
+START_TIMEOUT_S = 30.0
+#: A launcher with no job and no core leaves after this long (a core about to connect has time to).
+IDLE_GRACE_S = 5.0
+
+
+class LauncherGone(Exception):
+    """The connection to the launcher broke: the launcher died (or was never there)."""
+
+
+# ------------------------------------------------------------------------------------ wire format
+
+
+def _request_to_wire(req: LaunchRequest) -> dict[str, Any]:
+    return {
+        "job_id": req.job_id,
+        "attempt": req.attempt,
+        "workdir": str(req.workdir),
+        "control_dir": str(req.control_dir),
+        "argv": req.argv,
+        "script": req.script,
+        "env": req.env,
+        "stdout_path": str(req.stdout_path),
+        "stderr_path": str(req.stderr_path),
+        "stdin_path": str(req.stdin_path) if req.stdin_path is not None else None,
+        "run_as": req.run_as,
+    }
+
+
+def _request_from_wire(data: dict[str, Any]) -> LaunchRequest:
+    def path(name: str) -> Path | None:
+        value = data.get(name)
+        return Path(value) if value is not None else None
+
+    return LaunchRequest(
+        job_id=str(data["job_id"]),
+        attempt=int(data["attempt"]),
+        workdir=Path(data["workdir"]),
+        control_dir=Path(data["control_dir"]),
+        argv=data.get("argv"),
+        script=data.get("script"),
+        env=dict(data.get("env") or {}),
+        stdout_path=Path(data["stdout_path"]),
+        stderr_path=Path(data["stderr_path"]),
+        stdin_path=path("stdin_path"),
+        run_as=data.get("run_as"),
+    )
+
+
+def _shell_status(returncode: int) -> int:
+    """A wait status as a shell's ``$?`` (128 + n for a signal), the form of the status file."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+# ------------------------------------------------------------------------------------ the process
+
+
+class _Server:
+    """The launcher process's state: its jobs, their KILL deadlines, and the connected core."""
+
+    def __init__(self, listener: socket.socket, executor: ProcessExecutor) -> None:
+        self._listener = listener
+        self._executor = executor
+        #: held while spawning, reaping or signalling: a group is signalled only while its leader is
+        #: our unreaped child, and a new child is registered before the reaper can look at it
+        self._lock = threading.Lock()
+        self._children = threading.Condition(self._lock)
+        self._running: dict[str, ProcessHandle] = {}  # control dir -> job
+        self._by_pid: dict[int, str] = {}
+        self._kill_at: dict[str, float] = {}
+        self._conn: socket.socket | None = None
+        self._send_lock = threading.Lock()
+
+    # -- serving
+
+    def serve(self) -> None:
+        threading.Thread(target=self._reap_forever, name="launcher-reaper", daemon=True).start()
+        while True:
+            self._conn = self._accept()
+            if self._conn is None:
+                return  # idle: no core and no job
+            try:
+                self._serve_connection(self._conn)
+            finally:
+                with self._send_lock:
+                    self._conn.close()
+                    self._conn = None
+
+    def _accept(self) -> socket.socket | None:
+        """Wait for a core while jobs run (and their KILL deadlines pass); None once nothing has run and
+        no core has come for :data:`IDLE_GRACE_S`."""
+        while True:
+            with self._lock:
+                idle = not self._running
+            if self._listener_ready(IDLE_GRACE_S if idle else self._next_timeout(1.0)):
+                return self._listener.accept()[0]
+            with self._lock:
+                if idle and not self._running:
+                    return None
+            self._escalate_due()
+
+    def _listener_ready(self, timeout: float | None) -> bool:
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._listener, selectors.EVENT_READ)
+            return bool(sel.select(timeout))
+
+    def _serve_connection(self, conn: socket.socket) -> None:
+        buffer = b""
+        with selectors.DefaultSelector() as sel:
+            sel.register(conn, selectors.EVENT_READ)
+            while True:
+                if sel.select(self._next_timeout(None)):
+                    try:
+                        data = conn.recv(1 << 16)
+                    except OSError:
+                        data = b""
+                    if not data:
+                        return
+                    buffer += data
+                    *lines, buffer = buffer.split(b"\n")
+                    for line in lines:
+                        if line.strip():
+                            self._handle(json.loads(line))
+                self._escalate_due()
+
+    def _send(self, message: dict[str, Any]) -> None:
+        data = json.dumps(message).encode() + b"\n"
+        with self._send_lock:
+            if self._conn is None:
+                return  # no core: the status file is the record
+            with contextlib.suppress(OSError):  # the core is gone; it asks again when it is back
+                self._conn.sendall(data)
+
+    # -- requests
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        op = message.get("op")
+        if op == "hello":  # the connection is served: whatever an earlier one sent is done
+            self._send({"op": "hello", "cdir": ""})
+        elif op == "launch":
+            self._send(self._launch(message["request"]))
+        elif op == "query":
+            cdir = str(message["cdir"])
+            with self._lock:
+                handle = self._running.get(cdir)
+            if handle is None:
+                self._send({"op": "not_running", "cdir": cdir})
+            else:
+                self._send(
+                    {"op": "running", "cdir": cdir, "pid": handle.pid, "start_ticks": handle.start_ticks}
+                )
+        elif op == "terminate":
+            self._terminate(str(message["cdir"]), float(message["grace_s"]))
+
+    def _launch(self, wire: dict[str, Any]) -> dict[str, Any]:
+        req = _request_from_wire(wire)
+        cdir = os.path.abspath(req.control_dir)
+        with self._lock:
+            try:
+                handle = self._executor.launch(req)
+            except LaunchError as exc:
+                cause = exc.__cause__
+                program = (req.argv or [""])[0]
+                if isinstance(cause, OSError) and cause.filename == program and req.argv:
+                    # the exec itself failed: say it as a shell would, on the job's stderr
+                    status = 127 if isinstance(cause, FileNotFoundError) else 126
+                    self._tell_job(req, f"skyport: {program}: {cause.strerror}\n")
+                    return {"op": "not_run", "cdir": cdir, "status": status, "error": cause.strerror}
+                return {"op": "refused", "cdir": cdir, "error": str(exc)}
+            self._running[cdir] = handle
+            self._by_pid[handle.pid] = cdir
+            self._children.notify()
+        _write_line(os.path.join(cdir, PID_FILE), f"{handle.pid}\n")
+        return {"op": "launched", "cdir": cdir, "pid": handle.pid, "start_ticks": handle.start_ticks}
+
+    @staticmethod
+    def _tell_job(req: LaunchRequest, text: str) -> None:
+        with contextlib.suppress(OSError):
+            path = os.path.join(os.path.abspath(req.workdir), req.stderr_path)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            try:
+                os.write(fd, text.encode())
+            finally:
+                os.close(fd)
+
+    def _terminate(self, cdir: str, grace_s: float) -> None:
+        with self._lock:
+            handle = self._running.get(cdir)
+            if handle is None:
+                return
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(handle.pgid, signal.SIGTERM)
+            when = time.monotonic() + max(0.0, grace_s)
+            self._kill_at[cdir] = min(when, self._kill_at.get(cdir, when))
+
+    def _next_timeout(self, default: float | None) -> float | None:
+        with self._lock:
+            if not self._kill_at:
+                return default
+            return max(0.0, min(self._kill_at.values()) - time.monotonic())
+
+    def _escalate_due(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for cdir, when in list(self._kill_at.items()):
+                if when > now:
+                    continue
+                del self._kill_at[cdir]
+                handle = self._running.get(cdir)
+                if handle is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(handle.pgid, signal.SIGKILL)
+
+    # -- reaping
+
+    def _reap_forever(self) -> None:
+        while True:
+            with self._children:
+                self._children.wait_for(lambda: bool(self._running))
+            try:
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT)
+            except ChildProcessError:
+                continue
+            if info is None:
+                continue
+            with self._lock:
+                cdir = self._by_pid.pop(info.si_pid, None)
+                if cdir is None:
+                    continue  # a child that failed its exec: subprocess reaped it already
+                handle = self._running[cdir]
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(handle.pgid, signal.SIGKILL)  # what the job left behind, as a batch system
+                result = os.waitid(os.P_PID, handle.pid, os.WEXITED)
+                assert result is not None
+                returncode = result.si_status if result.si_code == os.CLD_EXITED else -result.si_status
+                self._executor.forget_child(handle.pid, returncode)
+                status = _shell_status(returncode)
+                # the status file first: a core that asks after this answer finds it
+                _write_line(os.path.join(cdir, STATUS_FILE), f"{status}\n")
+                del self._running[cdir]
+                self._kill_at.pop(cdir, None)
+            self._send({"op": "exit", "cdir": cdir, "status": status})
+
+
+def _write_line(path: str, text: str) -> None:
+    """One ``write(2)`` of a whole line, as the wrapper's ``echo`` does (readers accept it only with its
+    newline)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def serve(workroot: Path, *, allow_root: bool) -> int:
+    """Run the launcher of ``workroot`` in this process until it is idle. Returns the exit code."""
+    lock_fd = os.open(workroot / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return EXIT_BUSY  # another launcher serves this work root
+    path = workroot / SOCKET_NAME
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        listener.bind(str(path))
+    finally:
+        os.umask(old_umask)
+    listener.listen(16)
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)  # the core stops reading our stdout once we are ready
+    os.close(devnull)
+    executor = ProcessExecutor(allow_root=allow_root, wrapper=False)
+    _Server(listener, executor).serve()
+    # unlink the socket while still holding the lock, so a new launcher never loses its own socket
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    return 0
+
+
+# ------------------------------------------------------------------------------------ the core's side
+
+
+_Reply = dict[str, Any]
+
+
+class Launcher:
+    """The core's connection to the launcher of its work root; starts the launcher when none runs.
+
+    All methods belong to one event loop. ``on_exit`` callbacks run on it.
+    """
+
+    def __init__(self, workroot: Path, *, allow_root: bool) -> None:
+        self._workroot = workroot
+        self._allow_root = allow_root
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._pump: asyncio.Task[None] | None = None
+        self._connecting: asyncio.Lock | None = None
+        self._pending: dict[tuple[str, str], asyncio.Future[_Reply]] = {}
+        self._watches: dict[str, Callable[[int | None], None]] = {}
+        self._exited: dict[str, int] = {}  # exits that came before their watch
+        self._closed = False
+
+    async def _connection(self) -> asyncio.StreamWriter:
+        if self._writer is not None and not self._writer.is_closing():
+            return self._writer
+        if self._closed:
+            raise LauncherGone("the launcher connection is closed")
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            if self._writer is None or self._writer.is_closing():
+                self._reader, self._writer = await self._connect()
+                self._pump = asyncio.get_running_loop().create_task(self._read_replies(self._reader))
+        assert self._writer is not None
+        return self._writer
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Connect to the launcher, starting one if none listens. A connection counts once the launcher
+        has answered its hello: one that was leaving (idle) closes it unanswered, and we start another."""
+        path = str(self._workroot / SOCKET_NAME)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            try:
+                reader, writer = await asyncio.open_unix_connection(path, limit=1 << 20)
+            except (FileNotFoundError, ConnectionRefusedError):
+                pass
+            else:
+                writer.write(b'{"op": "hello"}\n')
+                with contextlib.suppress(OSError):
+                    if await reader.readline():
+                        return reader, writer
+                writer.close()
+            if time.monotonic() > deadline:
+                raise LauncherGone(f"no launcher answers on {path}: see {self._workroot / LOG_NAME}")
+            await self._start_launcher()
+
+    async def _start_launcher(self) -> None:
+        """Start a launcher in a session of its own and wait until it listens (or finds another)."""
+        log_fd = os.open(
+            self._workroot / LOG_NAME, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
+        )
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "skyport.gates.launcher",
+                str(self._workroot),
+                *(["--allow-root"] if self._allow_root else []),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=log_fd,
+                start_new_session=True,
+            )
+        finally:
+            os.close(log_fd)
+        assert proc.stdout is not None
+        line = await proc.stdout.readline()
+        if line != b"ready\n":
+            code = await proc.wait()
+            if code != EXIT_BUSY:
+                raise LauncherGone(
+                    f"the launcher did not start (exit {code}): see {self._workroot / LOG_NAME}"
+                )
+        # the launcher outlives us; asyncio's child watcher reaps it if it ends while we run
+
+    async def _read_replies(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while line := await reader.readline():
+                message = json.loads(line)
+                op, cdir = message["op"], message["cdir"]
+                if op == "exit":
+                    self._exit(cdir, int(message["status"]))
+                    continue
+                kind = "launch" if op in ("launched", "refused", "not_run") else "query"
+                future = self._pending.pop((kind, cdir), None)
+                if future is not None and not future.done():
+                    future.set_result(message)
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("the launcher connection failed: %s", exc)
+        finally:
+            self._lost_connection()
+
+    def _exit(self, cdir: str, status: int | None) -> None:
+        callback = self._watches.pop(cdir, None)
+        if callback is None:
+            if status is not None:
+                self._exited[cdir] = status
+            return
+        callback(status)
+
+    def _lost_connection(self) -> None:
+        """The launcher is gone: nobody will report these jobs' ends any more."""
+        if self._writer is not None:
+            self._writer.close()
+        self._writer = self._reader = None
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(LauncherGone("the launcher went away"))
+        self._pending.clear()
+        for cdir in list(self._watches):
+            self._exit(cdir, None)
+
+    async def _ask(self, kind: str, cdir: str, message: dict[str, Any]) -> _Reply:
+        writer = await self._connection()
+        key = (kind, cdir)
+        if key in self._pending:
+            raise LaunchError(f"a {kind} for {cdir} is already in progress")
+        future: asyncio.Future[_Reply] = asyncio.get_running_loop().create_future()
+        self._pending[key] = future
+        writer.write(json.dumps(message).encode() + b"\n")
+        return await future
+
+    # -- public
+
+    async def launch(self, req: LaunchRequest) -> ProcessHandle | int:
+        """Start the job; its handle, or the shell status (126, 127) of a program that could not run.
+
+        Raises :class:`LaunchError` when nothing could be started, :class:`LauncherGone` when the
+        launcher died before answering (the job may have started: :meth:`query` tells).
+        """
+        cdir = str(req.control_dir)  # absolute: the gate's work root is
+        reply = await self._ask("launch", cdir, {"op": "launch", "request": _request_to_wire(req)})
+        if reply["op"] == "refused":
+            raise LaunchError(str(reply["error"]))
+        if reply["op"] == "not_run":
+            return int(reply["status"])
+        pid = int(reply["pid"])
+        return ProcessHandle(pid=pid, pgid=pid, start_ticks=int(reply["start_ticks"]), control_dir=cdir)
+
+    async def query(self, control_dir: Path) -> ProcessHandle | None:
+        """The job of ``control_dir`` if the launcher runs it (after a restart of the core)."""
+        cdir = str(control_dir)
+        reply = await self._ask("query", cdir, {"op": "query", "cdir": cdir})
+        if reply["op"] != "running":
+            return None
+        pid = int(reply["pid"])
+        return ProcessHandle(pid=pid, pgid=pid, start_ticks=int(reply["start_ticks"]), control_dir=cdir)
+
+    def watch(self, handle: ProcessHandle, on_exit: Callable[[int | None], None]) -> None:
+        """Call ``on_exit(status)`` once when the job ends: its shell status, or None if the launcher
+        died first (then only the status file can tell)."""
+        cdir = handle.control_dir
+        if cdir in self._exited:
+            status = self._exited.pop(cdir)
+            asyncio.get_running_loop().call_soon(on_exit, status)
+            return
+        if self._writer is None:
+            asyncio.get_running_loop().call_soon(on_exit, None)
+            return
+        self._watches[cdir] = on_exit
+
+    async def terminate(self, handle: ProcessHandle, grace_s: float) -> None:
+        """TERM the job's group now and KILL it after ``grace_s`` unless it ended (done by the launcher,
+        so the KILL comes even if the core crashes meanwhile)."""
+        writer = await self._connection()
+        message = {"op": "terminate", "cdir": handle.control_dir, "grace_s": grace_s}
+        writer.write(json.dumps(message).encode() + b"\n")
+
+    def close(self) -> None:
+        """Disconnect; the launcher and the jobs keep running (a new core connects again)."""
+        self._closed = True
+        self._watches.clear()
+        if self._pump is not None:
+            self._pump.cancel()
+        if self._writer is not None:
+            self._writer.close()
+        self._writer = self._reader = None
+
+
+def _main(argv: list[str]) -> int:
+    """``python -m skyport.gates.launcher WORKROOT [--allow-root]``, started by the core."""
+    os.umask(0o022)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s launcher %(levelname)s %(message)s")
+    return serve(Path(argv[0]), allow_root="--allow-root" in argv[1:])
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main(sys.argv[1:]))

@@ -1,0 +1,262 @@
+"""The job launcher: a real launcher process, real jobs, a real disconnect of the core and a real
+``kill -9`` of the launcher. Every wait is on a condition with a deadline, never a sleep."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from skyport.gates.base import Exit, JobLaunch
+from skyport.gates.launcher import IDLE_GRACE_S, SOCKET_NAME, Launcher
+from skyport.gates.local import LocalGate
+from skyport.gates.process import PID_FILE, STATUS_FILE, LaunchError, LaunchRequest, read_exit_status
+from skyport.models import JobSpec
+from skyport.server.settings import LocalGateSettings
+
+TIMEOUT = 20.0
+ALLOW_ROOT = os.geteuid() == 0  # the tests run jobs as whoever runs them
+
+
+def request(base: Path, name: str, argv: list[str], **overrides: Any) -> LaunchRequest:
+    fields: dict[str, Any] = {
+        "job_id": name,
+        "attempt": 1,
+        "workdir": base / f"{name}.work",
+        "control_dir": base / ".control" / f"{name}.1",
+        "argv": argv,
+        "script": None,
+        "env": {},
+        "stdout_path": Path("stdout.log"),
+        "stderr_path": Path("stderr.log"),
+    }
+    fields.update(overrides)
+    return LaunchRequest(**fields)
+
+
+class Ended:
+    """Collects what a watch reports."""
+
+    def __init__(self) -> None:
+        self.statuses: list[int | None] = []
+        self.event = asyncio.Event()
+
+    def __call__(self, status: int | None) -> None:
+        self.statuses.append(status)
+        self.event.set()
+
+    async def wait(self) -> int | None:
+        await asyncio.wait_for(self.event.wait(), TIMEOUT)
+        return self.statuses[0]
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def launcher_pids(workroot: Path) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"skyport.gates.launcher" in argv and os.fsencode(workroot) in argv:
+                found.append(int(entry))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != b"Z"
+
+
+@pytest.fixture
+async def workroot(tmp_path: Path) -> AsyncIterator[Path]:
+    root = tmp_path / "work"
+    root.mkdir()
+    yield root
+    for pid in launcher_pids(root):  # whatever a failed test left
+        os.kill(pid, signal.SIGKILL)
+
+
+async def test_a_job_runs_directly_under_the_launcher_and_its_status_is_reported_and_written(
+    workroot: Path,
+) -> None:
+    launcher = Launcher(workroot, allow_root=ALLOW_ROOT)
+    try:
+        handle = await launcher.launch(request(workroot, "a", ["sh", "-c", "echo out; exit 3"]))
+        assert not isinstance(handle, int)
+        ended = Ended()
+        launcher.watch(handle, ended)
+        assert await ended.wait() == 3
+        control = Path(handle.control_dir)
+        assert (control / PID_FILE).read_text() == f"{handle.pid}\n"
+        assert (control / STATUS_FILE).read_text() == "3\n"
+        assert (workroot / "a.work" / "stdout.log").read_text() == "out\n"
+        # the job was the launcher's own child (no wrapper shell in between)
+        assert handle.pgid == handle.pid
+        [launcher_pid] = launcher_pids(workroot)
+        assert launcher_pid != os.getpid()
+    finally:
+        launcher.close()
+
+
+async def test_jobs_outlive_the_core_and_the_next_core_finds_them_running_or_ended(workroot: Path) -> None:
+    first = Launcher(workroot, allow_root=ALLOW_ROOT)
+    go = workroot / "go"
+    long = await first.launch(request(workroot, "long", ["sleep", "600"]))
+    short = await first.launch(
+        request(workroot, "short", ["sh", "-c", f"while [ ! -e {go} ]; do sleep 0.05; done; exit 7"])
+    )
+    assert not isinstance(long, int) and not isinstance(short, int)
+    first.close()  # the core goes away (its connection closes, as with kill -9)
+
+    # the short job ends while no core is connected: only its status file records it
+    go.touch()
+    await until(lambda: (Path(short.control_dir) / STATUS_FILE).exists(), "the status file of the short job")
+
+    second = Launcher(workroot, allow_root=ALLOW_ROOT)
+    try:
+        assert await second.query(Path(short.control_dir)) is None
+        status = read_exit_status(short.control_dir, None)
+        assert status is not None and status.exit_code == 7
+        found = await second.query(Path(long.control_dir))
+        assert found == long  # same pid and start time: the very process
+        ended = Ended()
+        second.watch(found, ended)
+        await second.terminate(found, grace_s=5.0)
+        assert await ended.wait() == 128 + signal.SIGTERM
+        assert len(launcher_pids(workroot)) == 1  # the same launcher served both
+    finally:
+        second.close()
+
+
+async def test_a_job_that_ignores_term_is_killed_after_the_grace_even_with_the_core_gone(
+    workroot: Path,
+) -> None:
+    launcher = Launcher(workroot, allow_root=ALLOW_ROOT)
+    stubborn = await launcher.launch(
+        request(workroot, "stubborn", ["sh", "-c", "trap '' TERM; echo ready; while :; do sleep 1; done"])
+    )
+    assert not isinstance(stubborn, int)
+    out = workroot / "stubborn.work" / "stdout.log"
+    await until(lambda: out.exists() and out.read_text() == "ready\n", "the job to ignore TERM")
+    await launcher.terminate(stubborn, grace_s=0.5)
+    launcher.close()  # the KILL is the launcher's to send, not the core's
+    status_file = Path(stubborn.control_dir) / STATUS_FILE
+    await until(status_file.exists, "the KILL after the grace period")
+    assert status_file.read_text() == f"{128 + signal.SIGKILL}\n"
+
+
+async def test_a_program_that_does_not_exist_ends_with_127_and_says_so_on_the_jobs_stderr(
+    workroot: Path,
+) -> None:
+    launcher = Launcher(workroot, allow_root=ALLOW_ROOT)
+    try:
+        result = await launcher.launch(request(workroot, "missing", ["no-such-program-here"]))
+        assert result == 127
+        stderr = (workroot / "missing.work" / "stderr.log").read_text()
+        assert "no-such-program-here" in stderr and "No such file" in stderr
+        # nothing ran, so nothing is claimed: the same attempt may be launched again
+        assert not (workroot / ".control" / "missing.1" / PID_FILE).exists()
+    finally:
+        launcher.close()
+
+
+async def test_a_second_launch_into_the_same_control_directory_is_refused(workroot: Path) -> None:
+    launcher = Launcher(workroot, allow_root=ALLOW_ROOT)
+    try:
+        req = request(workroot, "once", ["true"])
+        first = await launcher.launch(req)
+        assert not isinstance(first, int)
+        with pytest.raises(LaunchError, match="already holds a launch"):
+            await launcher.launch(req)
+    finally:
+        launcher.close()
+
+
+async def test_the_launcher_leaves_once_no_core_is_connected_and_no_job_runs(workroot: Path) -> None:
+    launcher = Launcher(workroot, allow_root=ALLOW_ROOT)
+    handle = await launcher.launch(request(workroot, "quick", ["true"]))
+    assert not isinstance(handle, int)
+    [pid] = launcher_pids(workroot)
+    launcher.close()
+    await until(lambda: not alive(pid), "the idle launcher to leave", timeout=IDLE_GRACE_S + TIMEOUT)
+    assert not (workroot / SOCKET_NAME).exists()
+    # and the next core starts a new one
+    again = Launcher(workroot, allow_root=ALLOW_ROOT)
+    try:
+        assert isinstance(await again.launch(request(workroot, "next", ["false"])), type(handle))
+    finally:
+        again.close()
+
+
+def _job(workroot: Path, name: str, command: list[str]) -> JobLaunch:
+    return JobLaunch(
+        job_id=name,
+        attempt=1,
+        name=name,
+        owner="admin",
+        spec=JobSpec(command=command),
+        node_names=["local"],
+        inputs_dir=workroot / "inputs",
+        outputs_dir=workroot / "outputs",
+        attempt_dir=workroot / "attempt",
+    )
+
+
+async def test_when_the_launcher_is_killed_its_jobs_are_stopped_and_reported_lost(workroot: Path) -> None:
+    gate = LocalGate(LocalGateSettings(allow_root=True, user_map={"admin": "root"}), workroot, launcher=True)
+    try:
+        job = _job(workroot, "orphaned", ["sleep", "600"])
+        handle = await gate.launch(job)
+        ended: list[Exit] = []
+        event = asyncio.Event()
+
+        def on_exit(job_id: str, exit: Exit) -> None:
+            ended.append(exit)
+            event.set()
+
+        gate.watch(job.job_id, handle, on_exit)
+        [pid] = launcher_pids(workroot)
+        os.kill(pid, signal.SIGKILL)
+        await asyncio.wait_for(event.wait(), TIMEOUT)
+        assert ended[0].reason == "lost" and "launcher" in ended[0].message
+        job_pid = handle["process"]["pid"]
+        await until(lambda: not alive(job_pid), "the orphaned job to be killed")
+    finally:
+        gate.close()
+
+
+async def test_a_claim_that_no_launcher_runs_is_lost_after_a_restart_never_launched_again(
+    workroot: Path,
+) -> None:
+    gate = LocalGate(LocalGateSettings(allow_root=True, user_map={"admin": "root"}), workroot, launcher=True)
+    try:
+        job = _job(workroot, "claimed", ["true"])
+        control = workroot / ".control" / "claimed.1"
+        control.mkdir(parents=True)
+        (control / PID_FILE).touch()  # a launcher died between its claim and writing the pid
+        recovered = await gate.recover(job, None)
+        assert recovered.handle is None and recovered.exit is not None and recovered.exit.reason == "lost"
+
+        fresh = _job(workroot, "fresh", ["true"])  # never claimed: launched now
+        recovered = await gate.recover(fresh, None)
+        assert recovered.handle is None and recovered.exit is None
+    finally:
+        gate.close()
