@@ -29,6 +29,7 @@ from skyport.server.lifecycle.wakeup import Wakeup, run_passes
 from skyport.server.settings import Settings
 from skyport.server.store import enrolment as enrol_store
 from skyport.server.store import infra as infra_store
+from skyport.server.store.batch import GroupCommit
 from skyport.server.store.engine import Store
 
 log = structlog.get_logger(__name__)
@@ -66,6 +67,10 @@ class NodeEnrolment:
         self._clock = clock
         self._settings = settings
         self._ca: CertificateAuthority | None = None
+        # A burst of booting VMs enrols and says hello together: one transaction for those that arrive
+        # together (see skyport.server.store.batch).
+        self._enrolments = GroupCommit(store, _redeem_and_register)
+        self._hellos = GroupCommit(store, _refresh)
 
     def _authority(self) -> CertificateAuthority:
         if self._ca is None:
@@ -89,7 +94,7 @@ class NodeEnrolment:
             raise EnrolmentError(400, f"the certificate request is not valid: {exc}") from None
         if not csr.is_signature_valid:
             raise EnrolmentError(400, "the certificate request's signature does not verify")
-        granted = await self._store.write(_redeem_and_register, token, host, ip, self._clock.now())
+        granted = await self._enrolments.write(_Arrival(token, host, ip, self._clock.now()))
         if isinstance(granted, str):
             raise EnrolmentError(401, granted)
         log.info("node enrolled", node=granted.node_name, remote=granted.remote_name)
@@ -98,16 +103,19 @@ class NodeEnrolment:
     async def hello(self, node_id: str, host: str, ip: str, resources: dict[str, object]) -> None:
         """An agent connected and described its node: record its capacity; it is up."""
         labels = resources.get("labels") or {}
-        known = await self._store.write(  # one transaction: hundreds of agents say hello at once
-            _refresh,
-            node_id,
-            host=host,
-            ip=ip,
-            cpus=max(1, int(str(resources.get("cpus", 1)))),
-            mem=max(0, int(str(resources.get("mem", 0)))),
-            gpus=max(0, int(str(resources.get("gpus", 0)))),
-            labels={str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {},
-            now=self._clock.now(),
+        known = await self._hellos.write(
+            _Hello(
+                node_id,
+                {
+                    "host": host,
+                    "ip": ip,
+                    "cpus": max(1, int(str(resources.get("cpus", 1)))),
+                    "mem": max(0, int(str(resources.get("mem", 0)))),
+                    "gpus": max(0, int(str(resources.get("gpus", 0)))),
+                    "labels": {str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {},
+                    "now": self._clock.now(),
+                },
+            )
         )
         if not known:
             raise EnrolmentError(401, "this node is no longer known to the core: enrol it again")
@@ -150,21 +158,37 @@ def _create_token(conn: Connection, remote_id: str, node_name: str, ttl: timedel
     )
 
 
-def _refresh(conn: Connection, node_id: str, /, **values: Any) -> bool:
+@dataclass(frozen=True)
+class _Hello:
+    """A connected agent's description of its node (the keyword arguments of ``register_node``)."""
+
+    node_id: str
+    values: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _Arrival:
+    """An enrolment request that passed the checks done without the store."""
+
+    token: str
+    host: str
+    ip: str
+    now: datetime
+
+
+def _refresh(conn: Connection, hello: _Hello) -> bool:
     """Record a known node's capacity as its agent describes it; False if the node is not known."""
-    granted = enrol_store.node_enrolment(conn, node_id)
+    granted = enrol_store.node_enrolment(conn, hello.node_id)
     if granted is not None:
-        enrol_store.register_node(conn, granted, **values)
+        enrol_store.register_node(conn, granted, **hello.values)
     return granted is not None
 
 
-def _redeem_and_register(
-    conn: Connection, token: str, host: str, ip: str, now: datetime
-) -> enrol_store.Enrolment | str:
+def _redeem_and_register(conn: Connection, arrival: _Arrival) -> enrol_store.Enrolment | str:
     """Use the token up and record the node, in one transaction."""
-    granted = enrol_store.redeem_bootstrap_token(conn, token, now)
+    granted = enrol_store.redeem_bootstrap_token(conn, arrival.token, arrival.now)
     if not isinstance(granted, str):
-        _register(conn, granted, host, ip, now)
+        _register(conn, granted, arrival.host, arrival.ip, arrival.now)
     return granted
 
 

@@ -46,8 +46,11 @@ from skyport.server.store.tables import accounts, jobs, nodes, partitions
 
 log = structlog.get_logger(__name__)
 
-#: Queued jobs read per pass, from the head of the queue. FCFS starts nothing behind a blocked head, so
-#: it reads few; backfill looks this deep for jobs that fit the holes (Slurm's bf_max_job_test).
+#: Queued jobs read per pass, from the head of the queue. A pass reads few (a page grows while whole
+#: pages are placed); backfill looks this deep for jobs that fit the holes (Slurm's bf_max_job_test)
+#: only when the head is blocked while capacity is left over, as Slurm's main scheduler looks at the
+#: head on every event and its backfill pass deep only now and then: reading a thousand queued rows
+#: on every pass, to place the few that fit, was the core's largest cost under a deep queue.
 MIN_PAGE = 64
 BACKFILL_DEPTH = 1024
 MAX_PAGE = 8192
@@ -387,7 +390,10 @@ class SchedulerLoop:
         self._interval = interval_s
         self._on_placed = on_placed
         self._depth = MIN_PAGE if settings.algorithm == "fcfs" else BACKFILL_DEPTH
-        self._page = self._depth
+        self._page = MIN_PAGE
+        #: whether the last deep (backfill) look found nothing to place, and capacity has not changed
+        #: since: another deep look would find nothing either
+        self._deep_fruitless = False
         self._last_pass_s = 0.0
         # When the last pass could start nothing more: the head's priority, and whether any capacity
         # was left free (backfill could use it). None: not blocked.
@@ -429,6 +435,7 @@ class SchedulerLoop:
     def capacity_changed(self) -> None:
         """A job ended or a node changed: the head may fit now."""
         self._blocked_at = None
+        self._deep_fruitless = False
         self.wakeup.ring()
 
     async def run(self) -> None:
@@ -470,11 +477,7 @@ class SchedulerLoop:
         )
         placed = {p.job_id for p in decided.placements}
         self._free_capacity = read.any_free and not placed
-        if decided.waits or len(snapshot.jobs) < self._page:
-            self._page = self._depth
-        else:  # the whole page went: more may fit, look again at once with a larger page
-            self._page = min(self._page * 4, MAX_PAGE)
-            self.wakeup.ring()
+        self._next_page(snapshot, decided, blocked is not None)
         self._last_pass_s = self._clock.monotonic() - started
         self._metrics.scheduler_pass.observe(self._last_pass_s)
         if decided.placements or decided.forwards:
@@ -482,6 +485,26 @@ class SchedulerLoop:
         if decided.provisions:
             self._on_provision()
         return decided
+
+    def _next_page(self, snapshot: Snapshot, decided: Plan, blocked: bool) -> None:
+        """How many queued jobs the next pass reads (see :data:`MIN_PAGE`)."""
+        page, deeper_queue = self._page, len(snapshot.jobs) >= self._page
+        if page > MIN_PAGE and page >= self._depth:  # this was a deep look
+            self._deep_fruitless = not decided.placements
+        if not decided.waits and deeper_queue:  # the whole page went: more may fit, look again at once
+            self._page = min(page * 4, MAX_PAGE)
+            self.wakeup.ring()
+        elif (
+            blocked
+            and deeper_queue
+            and page < self._depth
+            and not self._deep_fruitless
+            and _capacity_left(snapshot, decided)
+        ):  # the head waits while capacity is free: look deeper, at once, for jobs that fit the holes
+            self._page = self._depth
+            self.wakeup.ring()
+        else:
+            self._page = MIN_PAGE
 
     async def _record(
         self, decided: Plan, node_rows: dict[str, Any], pending_rows: dict[str, Any], now: datetime
@@ -589,6 +612,16 @@ class SchedulerLoop:
                 self._metrics.scheduling_latency.observe(max(0.0, waited))
             elif change.to_state.terminal:  # rejected (a provisioned job is neither: it waits on)
                 self._metrics.finished.labels(state=change.to_state.value).inc()
+
+
+def _capacity_left(snapshot: Snapshot, decided: Plan) -> bool:
+    """Whether some CPU stays free after the pass's placements (roughly: summed over the nodes)."""
+    jobs_by_id = {j.id: j for j in snapshot.jobs}
+    free = sum(n.free_cpus for n in snapshot.nodes)
+    used = sum(
+        jobs_by_id[p.job_id].cpus * len(p.node_ids) for p in decided.placements if p.job_id in jobs_by_id
+    )
+    return free > used
 
 
 def _moved(before: datetime | None, after: datetime | None) -> bool:
