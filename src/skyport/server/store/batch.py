@@ -1,0 +1,88 @@
+"""Group commit: writes of one kind that arrive together share one transaction.
+
+When a burst of VMs boots, hundreds of agents enrol and say hello within seconds of each other. Each of
+those writes runs a few statements, but as a transaction of its own it also pays a hop to the store's
+writer thread, ``BEGIN IMMEDIATE`` and a commit (on SQLite a WAL append), and waits in the writer's queue
+behind all the others. A :class:`GroupCommit` writes every item that arrived while the previous group was
+being written in one transaction, so those costs are paid once per group, not once per agent; a lone
+item is written at once, as before.
+
+One item's failure must not fail the others: when a group's transaction raises (it is then rolled back
+whole), each of its items is written again in a transaction of its own, and only the item that fails
+again gets the error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from sqlalchemy import Connection
+
+from skyport.server.store.engine import Store
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+#: Items written in one transaction at most (a transaction holds SQLite's only write lock).
+MAX_GROUP = 200
+
+
+class GroupCommit(Generic[Item, Result]):
+    """Runs ``txn(conn, item)`` for each written item, the items that arrive together in one transaction."""
+
+    def __init__(
+        self, store: Store, txn: Callable[[Connection, Item], Result], *, max_group: int = MAX_GROUP
+    ) -> None:
+        self._store = store
+        self._txn = txn
+        self._max_group = max_group
+        self._pending: list[tuple[Item, asyncio.Future[Result]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def write(self, item: Item) -> Result:
+        """Write ``item`` (with whatever else is waiting) and return what ``txn`` returned for it."""
+        done: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._pending.append((item, done))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._drain(), name="group-commit")
+        return await done
+
+    async def _drain(self) -> None:
+        while self._pending:
+            group = self._pending[: self._max_group]
+            del self._pending[: self._max_group]
+            try:
+                results = await self._store.write(_all, self._txn, [item for item, _ in group])
+            except Exception as exc:
+                if len(group) == 1:
+                    _fail(group[0][1], exc)
+                else:
+                    await self._one_by_one(group)
+                continue
+            for (_, done), result in zip(group, results, strict=True):
+                _succeed(done, result)
+
+    async def _one_by_one(self, group: list[tuple[Item, asyncio.Future[Result]]]) -> None:
+        for item, done in group:
+            try:
+                result = await self._store.write(self._txn, item)
+            except Exception as exc:
+                _fail(done, exc)
+            else:
+                _succeed(done, result)
+
+
+def _all(conn: Connection, txn: Callable[[Connection, Item], Result], items: list[Item]) -> list[Result]:
+    return [txn(conn, item) for item in items]
+
+
+def _succeed(done: asyncio.Future[Result], result: Result) -> None:
+    if not done.done():  # else its writer gave up waiting (cancelled); the write itself stands
+        done.set_result(result)
+
+
+def _fail(done: asyncio.Future[Result], error: Exception) -> None:
+    if not done.done():
+        done.set_exception(error)

@@ -1,0 +1,72 @@
+"""Group commit: items that arrive together share a transaction; one item's failure stays its own."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Connection, text
+
+from skyport.server.store.batch import GroupCommit
+from skyport.server.store.engine import Store
+
+
+class CountingStore(Store):
+    """A real SQLite store that counts its write transactions."""
+
+    writes = 0
+
+    async def write(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        self.writes += 1
+        return await super().write(fn, *args, **kwargs)
+
+
+def _insert(conn: Connection, item: int) -> int:
+    if item < 0:
+        raise ValueError(f"no negative items: {item}")
+    conn.execute(text("INSERT INTO t (x) VALUES (:x)"), {"x": item})
+    return item * 10
+
+
+def _create(conn: Connection) -> None:
+    conn.execute(text("CREATE TABLE t (x INTEGER)"))
+
+
+def _rows(conn: Connection) -> list[int]:
+    return sorted(r.x for r in conn.execute(text("SELECT x FROM t")))
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[CountingStore]:
+    store = CountingStore(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    await store.write(_create)
+    store.writes = 0
+    yield store
+    await store.close()
+
+
+async def test_items_arriving_together_share_a_transaction(store: CountingStore) -> None:
+    group = GroupCommit(store, _insert)
+    assert await group.write(1) == 10  # alone: written at once
+    results = await asyncio.gather(*(group.write(n) for n in range(2, 12)))
+    assert results == [n * 10 for n in range(2, 12)]
+    assert store.writes <= 3  # the first alone, then the ten in one or two groups
+    assert await store.read(_rows) == list(range(1, 12))
+
+
+async def test_a_failing_item_fails_alone(store: CountingStore) -> None:
+    group = GroupCommit(store, _insert)
+    outcomes = await asyncio.gather(*(group.write(n) for n in (1, 2, -3, 4)), return_exceptions=True)
+    assert outcomes[:2] == [10, 20] and outcomes[3] == 40
+    assert isinstance(outcomes[2], ValueError)
+    assert await store.read(_rows) == [1, 2, 4]
+
+
+async def test_groups_are_bounded(store: CountingStore) -> None:
+    group = GroupCommit(store, _insert, max_group=3)
+    assert await asyncio.gather(*(group.write(n) for n in range(7))) == [n * 10 for n in range(7)]
+    assert store.writes == 3
+    assert await store.read(_rows) == list(range(7))
