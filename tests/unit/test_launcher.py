@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -14,9 +15,16 @@ from typing import Any
 import pytest
 
 from skyport.gates.base import Exit, JobLaunch
-from skyport.gates.launcher import IDLE_GRACE_S, SOCKET_NAME, Launcher
+from skyport.gates.launcher import (
+    IDLE_GRACE_S,
+    SOCKET_NAME,
+    Launcher,
+    LaunchRecord,
+    read_record,
+    record_path,
+)
 from skyport.gates.local import LocalGate
-from skyport.gates.process import PID_FILE, STATUS_FILE, LaunchError, LaunchRequest, read_exit_status
+from skyport.gates.process import LaunchError, LaunchRequest
 from skyport.models import JobSpec
 from skyport.server.settings import LocalGateSettings
 
@@ -104,9 +112,9 @@ async def test_a_job_runs_directly_under_the_launcher_and_its_status_is_reported
         ended = Ended()
         launcher.watch(handle, ended)
         assert await ended.wait() == 3
-        control = Path(handle.control_dir)
-        assert (control / PID_FILE).read_text() == f"{handle.pid}\n"
-        assert (control / STATUS_FILE).read_text() == "3\n"
+        assert text_of(record_path(handle.control_dir)) == f"{handle.pid} {handle.start_ticks}\n3\n"
+        # a command needs no control directory: its record is the one file the launcher made
+        assert sorted(p.name for p in (workroot / ".control").iterdir()) == ["a.1.state"]
         assert (workroot / "a.work" / "stdout.log").read_text() == "out\n"
         # the job was the launcher's own child (no wrapper shell in between)
         assert handle.pgid == handle.pid
@@ -128,13 +136,17 @@ async def test_jobs_outlive_the_core_and_the_next_core_finds_them_running_or_end
 
     # the short job ends while no core is connected: only its status file records it
     go.touch()
-    await until(lambda: (Path(short.control_dir) / STATUS_FILE).exists(), "the status file of the short job")
+
+    def short_ended() -> bool:
+        record = read_record(short.control_dir)
+        return record is not None and record.status is not None
+
+    await until(short_ended, "the launch record of the short job to hold its status")
 
     second = Launcher(workroot, allow_root=ALLOW_ROOT)
     try:
         assert await second.query(Path(short.control_dir)) is None
-        status = read_exit_status(short.control_dir, None)
-        assert status is not None and status.exit_code == 7
+        assert read_record(short.control_dir) == LaunchRecord(short, 7)
         found = await second.query(Path(long.control_dir))
         assert found == long  # same pid and start time: the very process
         ended = Ended()
@@ -158,9 +170,13 @@ async def test_a_job_that_ignores_term_is_killed_after_the_grace_even_with_the_c
     await until(lambda: out.exists() and out.read_text() == "ready\n", "the job to ignore TERM")
     await launcher.terminate(stubborn, grace_s=0.5)
     launcher.close()  # the KILL is the launcher's to send, not the core's
-    status_file = Path(stubborn.control_dir) / STATUS_FILE
-    await until(status_file.exists, "the KILL after the grace period")
-    assert status_file.read_text() == f"{128 + signal.SIGKILL}\n"
+
+    def ended() -> bool:
+        record = read_record(stubborn.control_dir)
+        return record is not None and record.status is not None
+
+    await until(ended, "the KILL after the grace period")
+    assert read_record(stubborn.control_dir) == LaunchRecord(stubborn, 128 + signal.SIGKILL)
 
 
 async def test_a_program_that_does_not_exist_ends_with_127_and_says_so_on_the_jobs_stderr(
@@ -173,7 +189,7 @@ async def test_a_program_that_does_not_exist_ends_with_127_and_says_so_on_the_jo
         stderr = (workroot / "missing.work" / "stderr.log").read_text()
         assert "no-such-program-here" in stderr and "No such file" in stderr
         # nothing ran, so nothing is claimed: the same attempt may be launched again
-        assert not (workroot / ".control" / "missing.1" / PID_FILE).exists()
+        assert read_record(str(workroot / ".control" / "missing.1")) is None
     finally:
         launcher.close()
 
@@ -204,6 +220,22 @@ async def test_the_launcher_leaves_once_no_core_is_connected_and_no_job_runs(wor
         assert isinstance(await again.launch(request(workroot, "next", ["false"])), type(handle))
     finally:
         again.close()
+
+
+def text_of(path: str) -> str:
+    return Path(path).read_text()
+
+
+def write(path: str, text: str) -> None:
+    Path(path).write_text(text)
+
+
+def started_elsewhere(control_dir: str) -> subprocess.Popen[bytes]:
+    """A job process with the launch record a (now dead) launcher would have left for it."""
+    orphan = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    ticks = int(Path(f"/proc/{orphan.pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[19])
+    write(record_path(control_dir), f"{orphan.pid} {ticks}\n")
+    return orphan
 
 
 def _job(workroot: Path, name: str, command: list[str]) -> JobLaunch:
@@ -250,13 +282,19 @@ async def test_a_claim_that_no_launcher_runs_is_lost_after_a_restart_never_launc
     try:
         job = _job(workroot, "claimed", ["true"])
         control = workroot / ".control" / "claimed.1"
-        control.mkdir(parents=True)
-        (control / PID_FILE).touch()  # a launcher died between its claim and writing the pid
+        control.parent.mkdir(parents=True)
+        write(record_path(str(control)), "")  # a launcher died between its claim and the start
         recovered = await gate.recover(job, None)
         assert recovered.handle is None and recovered.exit is not None and recovered.exit.reason == "lost"
 
         fresh = _job(workroot, "fresh", ["true"])  # never claimed: launched now
         recovered = await gate.recover(fresh, None)
         assert recovered.handle is None and recovered.exit is None
+
+        # started by a launcher that died since: lost, and what still runs of it is killed
+        orphan = started_elsewhere(str(workroot / ".control" / "started.1"))
+        recovered = await gate.recover(_job(workroot, "started", ["true"]), None)
+        assert recovered.exit is not None and recovered.exit.reason == "lost"
+        assert await asyncio.to_thread(orphan.wait, TIMEOUT) == -signal.SIGKILL
     finally:
         gate.close()

@@ -3,31 +3,37 @@
 Why a process of its own. A job's exit status must survive a crash of the core, so the core cannot be
 the job's parent. The :class:`~skyport.gates.process.ProcessExecutor` solves this with a shell wrapper
 per job (a shell, a fork and an exec for every job: about 1 ms of CPU, a quarter of what a trivial job
-costs end to end). The launcher solves it once: it starts each job directly (one exec), reaps it, writes
-its status file (the same ``CONTROL_DIR/status`` line the wrapper writes) and tells the core. It runs in
-a session of its own, so a ``kill -9`` of the core leaves it and its jobs running; the restarted core
-connects to it again and asks what became of each job.
+cost end to end) and a control directory of small files. The launcher solves it once: it starts each
+job directly (one exec), reaps it, records its status and tells the core. It runs in a session of its
+own, so a ``kill -9`` of the core leaves it and its jobs running; the restarted core connects to it
+again and asks what became of each job.
+
+The launch record. Each launch has one file, ``CONTROL_DIR.state`` (:func:`record_path`), created
+exclusively before the fork (the claim: a second launch of the same attempt is refused), then holding
+its pid and start time once the job runs, and its status (a shell's ``$?``) once it ended. One file per job
+and no directory (unless the job needs one, for its script): on this kind of disk a new file or
+directory costs from 20 us to over 0.5 ms of kernel CPU, the largest part of a trivial job's cost.
 
 Protocol: JSON lines over a Unix socket in the work root (mode 0600: only the core's account). Requests
 are served one at a time, in order, from one connection at a time; a new connection (a restarted core)
 is served only after the previous one has ended and everything it sent has been done, so a restarted
 core's questions are answered after the dead core's last launch, never before.
 
+- ``{"op": "hello"}`` -> ``{"op": "hello"}``: the connection is being served.
 - ``{"op": "launch", "request": {...}}`` -> ``{"op": "launched", "cdir", "pid", "start_ticks"}``, or
   ``{"op": "refused", "cdir", "error"}`` (nothing started), or ``{"op": "not_run", "cdir", "status",
   "error"}`` (the program could not be executed: 127 or 126 as a shell would say, nothing ran).
 - ``{"op": "query", "cdir"}`` -> ``{"op": "running", "cdir", "pid", "start_ticks"}`` or
-  ``{"op": "not_running", "cdir"}`` (then the status file, if any, tells how it ended).
+  ``{"op": "not_running", "cdir"}`` (then the launch record tells how it ended, if it did).
 - ``{"op": "terminate", "cdir", "grace_s"}``: TERM the job's process group now and KILL it after the
   grace period unless it ended; no reply.
-- pushed: ``{"op": "exit", "cdir", "status"}`` when a job ended, after its status file was written.
+- pushed: ``{"op": "exit", "cdir", "status"}`` when a job ended, after its record was written.
 
-Crash safety, "never run a job twice": the launch claims the control directory by creating its ``pid``
-file exclusively before the fork and writes the pid into it after. A claim without a pid that no live
-launcher is running is a launcher that died between the two: the job may have started, so the core
-reports it ``lost``, never launches it again. Signals go only to a process group whose leader the
-launcher has not reaped yet, so a group id is never reused under them. The launcher leaves when no
-core is connected and no job runs.
+Crash safety, "never run a job twice": a record with no pid (or a pid and no status) that no live
+launcher runs belongs to a launcher that died: the job may have run, so the core reports it ``lost``
+(and kills what is left of it), never launches it again. Signals go only to a process group whose
+leader the launcher has not reaped yet, so a group id is never reused under them. The launcher leaves
+when no core is connected and no job runs.
 """
 
 from __future__ import annotations
@@ -46,23 +52,24 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from skyport.gates.process import (
-    PID_FILE,
-    STATUS_FILE,
     LaunchError,
     LaunchRequest,
     ProcessExecutor,
     ProcessHandle,
 )
 
-__all__ = ["Launcher", "LauncherGone", "serve"]
+__all__ = ["LaunchRecord", "Launcher", "LauncherGone", "read_record", "record_path", "serve"]
 
 log = logging.getLogger(__name__)
 
 SOCKET_NAME = "launcher.sock"
+#: A job's launch record is ``CONTROL_DIR.state``: one file, made by the claim and written in place.
+RECORD_SUFFIX = ".state"
 LOCK_NAME = "launcher.lock"
 LOG_NAME = "launcher.log"
 #: Exit code of a launcher that found another one already serving the work root.
@@ -116,7 +123,7 @@ def _request_from_wire(data: dict[str, Any]) -> LaunchRequest:
 
 
 def _shell_status(returncode: int) -> int:
-    """A wait status as a shell's ``$?`` (128 + n for a signal), the form of the status file."""
+    """A wait status as a shell's ``$?`` (128 + n for a signal), the form of the launch record."""
     return 128 - returncode if returncode < 0 else returncode
 
 
@@ -195,7 +202,7 @@ class _Server:
         data = json.dumps(message).encode() + b"\n"
         with self._send_lock:
             if self._conn is None:
-                return  # no core: the status file is the record
+                return  # no core: the launch record tells it when it asks
             with contextlib.suppress(OSError):  # the core is gone; it asks again when it is back
                 self._conn.sendall(data)
 
@@ -223,23 +230,40 @@ class _Server:
     def _launch(self, wire: dict[str, Any]) -> dict[str, Any]:
         req = _request_from_wire(wire)
         cdir = os.path.abspath(req.control_dir)
-        with self._lock:
-            try:
-                handle = self._executor.launch(req)
-            except LaunchError as exc:
-                cause = exc.__cause__
-                program = (req.argv or [""])[0]
-                if isinstance(cause, OSError) and cause.filename == program and req.argv:
-                    # the exec itself failed: say it as a shell would, on the job's stderr
-                    status = 127 if isinstance(cause, FileNotFoundError) else 126
-                    self._tell_job(req, f"skyport: {program}: {cause.strerror}\n")
-                    return {"op": "not_run", "cdir": cdir, "status": status, "error": cause.strerror}
-                return {"op": "refused", "cdir": cdir, "error": str(exc)}
-            self._running[cdir] = handle
-            self._by_pid[handle.pid] = cdir
-            self._children.notify()
-        _write_line(os.path.join(cdir, PID_FILE), f"{handle.pid}\n")
+        try:
+            record = _claim(cdir)
+        except FileExistsError:
+            return {
+                "op": "refused",
+                "cdir": cdir,
+                "error": f"{record_path(cdir)} already holds a launch: query it, or launch a new attempt",
+            }
+        except OSError as exc:
+            return {"op": "refused", "cdir": cdir, "error": f"cannot record the launch: {exc}"}
+        try:
+            with self._lock:
+                try:
+                    handle = self._executor.spawn(req)
+                except LaunchError as exc:
+                    os.unlink(record_path(cdir))  # nothing ran: the same attempt may be launched again
+                    return self._not_started(req, cdir, exc)
+                os.write(record, _started_line(handle))  # before the reaper can append the status
+                self._running[cdir] = handle
+                self._by_pid[handle.pid] = cdir
+                self._children.notify()
+        finally:
+            os.close(record)
         return {"op": "launched", "cdir": cdir, "pid": handle.pid, "start_ticks": handle.start_ticks}
+
+    def _not_started(self, req: LaunchRequest, cdir: str, exc: LaunchError) -> dict[str, Any]:
+        cause = exc.__cause__
+        program = (req.argv or [""])[0]
+        if isinstance(cause, OSError) and cause.filename == program and req.argv:
+            # the exec itself failed: say it as a shell would, on the job's stderr
+            status = 127 if isinstance(cause, FileNotFoundError) else 126
+            self._tell_job(req, f"skyport: {program}: {cause.strerror}\n")
+            return {"op": "not_run", "cdir": cdir, "status": status, "error": cause.strerror}
+        return {"op": "refused", "cdir": cdir, "error": str(exc)}
 
     @staticmethod
     def _tell_job(req: LaunchRequest, text: str) -> None:
@@ -303,21 +327,74 @@ class _Server:
                 returncode = result.si_status if result.si_code == os.CLD_EXITED else -result.si_status
                 self._executor.forget_child(handle.pid, returncode)
                 status = _shell_status(returncode)
-                # the status file first: a core that asks after this answer finds it
-                _write_line(os.path.join(cdir, STATUS_FILE), f"{status}\n")
+                # the record first: a core that asks after this finds the status there
+                _record_status(handle, status)
                 del self._running[cdir]
                 self._kill_at.pop(cdir, None)
             self._send({"op": "exit", "cdir": cdir, "status": status})
 
 
-def _write_line(path: str, text: str) -> None:
-    """One ``write(2)`` of a whole line, as the wrapper's ``echo`` does (readers accept it only with its
-    newline)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+def record_path(control_dir: str) -> str:
+    """The job's launch record, next to its control directory (which only some jobs need)."""
+    return f"{control_dir}{RECORD_SUFFIX}"
+
+
+def _claim(control_dir: str) -> int:
+    """Create the job's launch record exclusively (the claim) and return it open for writing."""
+    path = record_path(control_dir)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
     try:
-        os.write(fd, text.encode())
+        return os.open(path, flags, 0o644)
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path), 0o711, exist_ok=True)
+        return os.open(path, flags, 0o644)
+
+
+def _started_line(handle: ProcessHandle) -> bytes:
+    return f"{handle.pid} {handle.start_ticks}\n".encode()
+
+
+def _record_status(handle: ProcessHandle, status: int) -> None:
+    """Append the status line after the started line, with one ``pwrite(2)``: a reader sees the line
+    whole or not at all (it is accepted only with its newline)."""
+    fd = os.open(record_path(handle.control_dir), os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        os.pwrite(fd, f"{status}\n".encode(), len(_started_line(handle)))
     finally:
         os.close(fd)
+
+
+@dataclass(frozen=True)
+class LaunchRecord:
+    """What a job's launch record says: claimed (no process yet), started, ended (and how)."""
+
+    process: ProcessHandle | None
+    status: int | None
+
+
+def read_record(control_dir: str) -> LaunchRecord | None:
+    """The launch record of ``control_dir``; None if the job was never claimed.
+
+    The record is empty when claimed, ``"PID START_TICKS\\n"`` once started, and that plus
+    ``"STATUS\\n"`` once ended; a line without its newline is being written and does not count yet.
+    """
+    try:
+        with open(record_path(control_dir), "rb") as f:
+            data = f.read(128)
+    except FileNotFoundError:
+        return None
+    lines = data.split(b"\n")[:-1]  # whole lines only
+    try:
+        process = None
+        if lines:
+            pid, ticks = lines[0].split()
+            process = ProcessHandle(
+                pid=int(pid), pgid=int(pid), start_ticks=int(ticks), control_dir=control_dir
+            )
+        status = int(lines[1]) if len(lines) > 1 else None
+    except ValueError:
+        return LaunchRecord(process=None, status=None)
+    return LaunchRecord(process=process, status=status)
 
 
 def serve(workroot: Path, *, allow_root: bool) -> int:
@@ -512,7 +589,7 @@ class Launcher:
 
     def watch(self, handle: ProcessHandle, on_exit: Callable[[int | None], None]) -> None:
         """Call ``on_exit(status)`` once when the job ends: its shell status, or None if the launcher
-        died first (then only the status file can tell)."""
+        died first (then only the launch record can tell)."""
         cdir = handle.control_dir
         if cdir in self._exited:
             status = self._exited.pop(cdir)

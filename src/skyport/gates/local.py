@@ -32,9 +32,8 @@ from skyport.gates.base import (
     StreamTunnel,
     TunnelLink,
 )
-from skyport.gates.launcher import Launcher, LauncherGone
+from skyport.gates.launcher import Launcher, LauncherGone, read_record
 from skyport.gates.process import (
-    PID_FILE,
     ExitStatus,
     LaunchError,
     LaunchRequest,
@@ -282,9 +281,12 @@ class LocalGate:
 
     @staticmethod
     def _launched_status(process: ProcessHandle, code: int | None) -> ExitStatus:
-        """How a launcher's job ended: its status, else its status file, else (the launcher died and
-        the job may still run without anyone to record its end) its group is killed and it is lost."""
-        status = read_exit_status(process.control_dir, code)
+        """How a launcher's job ended: its status, else its launch record's, else (the launcher died and
+        the job may still run with no one to record its end) it is lost and what is left is killed."""
+        if code is None:
+            record = read_record(process.control_dir)
+            code = record.status if record is not None else None
+        status = read_exit_status(process.control_dir, code) if code is not None else None
         if status is not None:
             return status
         kill_orphaned_group(process)
@@ -306,7 +308,7 @@ class LocalGate:
             if self._executor.adopt(process):  # a wrapper's job
                 return Recovered(handle=handle, exit=None)
         if self._launcher is not None:
-            return await self._recover_launched(job, handle)
+            return await self._recover_launched(job)
         found = self._executor.probe(self._control_dir(job))
         if found is None:
             return Recovered(handle=None, exit=None)
@@ -320,8 +322,8 @@ class LocalGate:
             )
         return Recovered(handle=None, exit=Exit(found.exit_code, found.signal, found.reason, found.message))
 
-    async def _recover_launched(self, job: JobLaunch, handle: Handle | None) -> Recovered:
-        """After a restart of the core: ask the launcher, then the control directory."""
+    async def _recover_launched(self, job: JobLaunch) -> Recovered:
+        """After a restart of the core: ask the launcher, then the job's launch record."""
         assert self._launcher is not None
         cdir = self._control_dir(job)
         try:
@@ -334,21 +336,15 @@ class LocalGate:
                 handle={**self._handle(request, uid), "process": running.to_dict(), "launcher": True},
                 exit=None,
             )
-        status = read_exit_status(str(cdir), None)
-        if status is not None:
-            return Recovered(
-                handle=None, exit=Exit(status.exit_code, status.signal, status.reason, status.message)
-            )
-        try:
-            claimed = (cdir / PID_FILE).exists()
-        except OSError:
-            claimed = True
-        if not claimed:
+        record = read_record(str(cdir))
+        if record is None:
             return Recovered(handle=None, exit=None)  # never launched: launch it now
-        if handle is not None and handle.get("process") is not None:
-            lost = self._launched_status(ProcessHandle.from_dict(handle["process"]), None)
-            return Recovered(handle=None, exit=Exit(None, None, lost.reason, lost.message))
-        # claimed but no launcher runs it: a launcher died while starting it, which may have started
+        if record.process is not None:
+            ended = self._launched_status(record.process, record.status)
+            return Recovered(
+                handle=None, exit=Exit(ended.exit_code, ended.signal, ended.reason, ended.message)
+            )
+        # claimed but never started by a live launcher: one died while starting it, and it may have run
         return Recovered(
             handle=None,
             exit=Exit(None, None, "lost", "the launcher ended while starting the job; it may have run"),

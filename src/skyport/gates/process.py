@@ -503,6 +503,18 @@ class ProcessExecutor:
         Raises :class:`LaunchError` for anything that prevents the start (bad request, unknown or
         forbidden account, an already used control directory, unwritable files).
         """
+        return self._launch(req, claim=True)
+
+    def spawn(self, req: LaunchRequest) -> ProcessHandle:
+        """Start the job as this process's direct child without claiming its control directory.
+
+        For an executor without the wrapper whose caller keeps its own record of each launch (the
+        launcher: one record file per job, see :mod:`skyport.gates.launcher`). The control directory
+        is made only when the job needs it: for its script, or for the setup errors of another account.
+        """
+        return self._launch(req, claim=False)
+
+    def _launch(self, req: LaunchRequest, *, claim: bool) -> ProcessHandle:
         if self._closed:
             raise LaunchError("the process executor is closed")
         command = self._check_request(req)
@@ -517,7 +529,10 @@ class ProcessExecutor:
             raise LaunchError("running jobs as other accounts needs 'setpriv' (Debian package util-linux)")
         env = self._job_env(req, account)
         cdir = os.path.abspath(req.control_dir)
-        self._claim_control_dir(cdir, account if switch else None)
+        if claim:
+            self._claim_control_dir(cdir, account if switch else None)
+        elif req.script is not None or switch:
+            self._make_control_dir(cdir, account if switch else None)
         try:
             if req.script is not None:
                 command = self._write_script(cdir, req.script)
@@ -526,7 +541,8 @@ class ProcessExecutor:
             else:
                 proc = self._spawn(req, cdir, command, env)
         except BaseException as exc:
-            self._release_claim(cdir)  # nothing started: the same attempt may be launched again
+            if claim:
+                self._release_claim(cdir)  # nothing started: the same attempt may be launched again
             if isinstance(exc, (OSError, ValueError, subprocess.SubprocessError)):
                 raise LaunchError(f"could not start job {req.job_id} (attempt {req.attempt}): {exc}") from exc
             raise
@@ -590,14 +606,7 @@ class ProcessExecutor:
         running the job twice (after a crash, call :meth:`probe` instead). The wrapper overwrites the
         empty file with its pid.
         """
-        try:
-            os.mkdir(cdir, 0o711)
-        except FileExistsError:
-            pass
-        except FileNotFoundError:
-            os.makedirs(cdir, 0o711, exist_ok=True)
-        if job_account is not None:
-            self._check_control_dir(cdir, job_account)
+        self._make_control_dir(cdir, job_account)
         try:
             os.close(
                 os.open(
@@ -611,6 +620,17 @@ class ProcessExecutor:
             ) from None
         except OSError as exc:
             raise LaunchError(f"cannot use control directory {cdir}: {exc.strerror}") from None
+
+    def _make_control_dir(self, cdir: str, job_account: _Account | None) -> None:
+        """Create the control directory if needed; refuse one the job's user could write."""
+        try:
+            os.mkdir(cdir, 0o711)
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            os.makedirs(cdir, 0o711, exist_ok=True)
+        if job_account is not None:
+            self._check_control_dir(cdir, job_account)
 
     @staticmethod
     def _release_claim(cdir: str) -> None:
