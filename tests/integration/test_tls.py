@@ -359,6 +359,7 @@ def test_config_load_uses_our_protocols_and_tls_policy(pki: Pki) -> None:
     assert config.ssl is not None
     assert config.ssl.verify_mode == ssl.CERT_REQUIRED
     assert config.ssl.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert config.ssl.num_tickets == 0  # no client resumes: tickets would only cost each handshake
     assert config.proxy_headers is False
     assert config.get_loop_factory() is not None
 
