@@ -20,10 +20,12 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import httpx
 import structlog
 
 from skyport.agent.identity import CoreUnreachable, EnrolmentRefused, NodeIdentity
 from skyport.agent.node import Agent, AgentConfig
+from skyport.pki import generate_key, make_csr
 from skyport.server.settings import LocalGateSettings
 
 log = structlog.get_logger(__name__)
@@ -56,6 +58,17 @@ class PoolMember:
         return cls(**json.loads(text))
 
 
+async def _load_lazily_loaded() -> None:
+    """Load what the agents' first enrolment loads on first use (httpx's transport and, when the client
+    closes, anyio's asyncio backend; the key and CSR code), before any node arrives.
+
+    A pool is started ahead of its nodes (the sim starts it while its VMs boot), and its first nodes
+    would otherwise pay for these imports in the middle of a burst, ~0.1 s of CPU per pool."""
+    async with httpx.AsyncClient() as client:
+        client.headers.get("user-agent")
+    make_csr(generate_key(), "warm-up")
+
+
 class AgentPool:
     def __init__(self, directory: Path, *, idle_exit_s: float = 5.0, start_grace_s: float = 0.0) -> None:
         self._dir = directory
@@ -67,6 +80,7 @@ class AgentPool:
         self._parsed: dict[str, tuple[int, PoolMember]] = {}
 
     async def run(self) -> None:
+        await _load_lazily_loaded()
         idle_since = asyncio.get_running_loop().time()
         idle_exit_s = max(self._idle_exit_s, self._start_grace_s)
         while True:
