@@ -115,7 +115,11 @@ def measure_ours(mode_env: dict[str, str]) -> Run:
             if by_state.get("completed", 0) == JOBS + 1:
                 break
             if by_state.get("failed") or time.monotonic() > deadline:
-                raise SystemExit(f"jobs did not all complete: {by_state}")
+                why = db.execute(
+                    "SELECT reason, state_details, count(*) FROM jobs WHERE state = 'failed' "
+                    "GROUP BY reason, state_details LIMIT 5"
+                ).fetchall()
+                raise SystemExit(f"jobs did not all complete: {by_state}; failures: {why}")
             time.sleep(0.01)  # polling the store from outside, not synchronising our own code
         seconds = time.perf_counter() - started
         core_after, launcher_after = _cpu(core.proc.pid), _cpu(pid)
