@@ -298,3 +298,20 @@ async def test_a_claim_that_no_launcher_runs_is_lost_after_a_restart_never_launc
         assert await asyncio.to_thread(orphan.wait, TIMEOUT) == -signal.SIGKILL
     finally:
         gate.close()
+
+
+async def test_a_work_root_too_deep_for_a_socket_address_still_gets_its_launcher(tmp_path: Path) -> None:
+    deep = tmp_path / ("d" * 60) / ("e" * 60) / "work"
+    deep.mkdir(parents=True)
+    assert len(str(deep / SOCKET_NAME)) > 108  # more than a Unix socket address holds
+    launcher = Launcher(deep, allow_root=ALLOW_ROOT)
+    try:
+        handle = await launcher.launch(request(deep, "deep", ["sh", "-c", "exit 4"]))
+        assert not isinstance(handle, int)
+        ended = Ended()
+        launcher.watch(handle, ended)
+        assert await ended.wait() == 4
+    finally:
+        launcher.close()
+        for pid in launcher_pids(deep):
+            os.kill(pid, signal.SIGKILL)

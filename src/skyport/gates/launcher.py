@@ -51,7 +51,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -397,6 +397,25 @@ def read_record(control_dir: str) -> LaunchRecord | None:
     return LaunchRecord(process=process, status=status)
 
 
+#: Longest path a Unix socket address holds (``sun_path`` is 108 bytes with its NUL).
+_MAX_SOCKET_PATH = 107
+
+
+@contextlib.contextmanager
+def _socket_address(workroot: Path) -> Iterator[str]:
+    """Where the socket is bound and reached: its path, or, for a work root too deep for a socket
+    address, the same file through a descriptor of the work root (``/proc/self/fd/N/launcher.sock``)."""
+    path = str(workroot / SOCKET_NAME)
+    if len(os.fsencode(path)) <= _MAX_SOCKET_PATH:
+        yield path
+        return
+    fd = os.open(workroot, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{fd}/{SOCKET_NAME}"
+    finally:
+        os.close(fd)
+
+
 def serve(workroot: Path, *, allow_root: bool) -> int:
     """Run the launcher of ``workroot`` in this process until it is idle. Returns the exit code."""
     lock_fd = os.open(workroot / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -410,7 +429,8 @@ def serve(workroot: Path, *, allow_root: bool) -> int:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)
     try:
-        listener.bind(str(path))
+        with _socket_address(workroot) as address:
+            listener.bind(address)
     finally:
         os.umask(old_umask)
     listener.listen(16)
@@ -472,7 +492,8 @@ class Launcher:
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             try:
-                reader, writer = await asyncio.open_unix_connection(path, limit=1 << 20)
+                with _socket_address(self._workroot) as address:
+                    reader, writer = await asyncio.open_unix_connection(address, limit=1 << 20)
             except (FileNotFoundError, ConnectionRefusedError):
                 pass
             else:
