@@ -247,10 +247,15 @@ def _read_snapshot(
     forwarding: dict[str, ForwardingRemote] | None = None,
 ) -> _Read:
     forwarding = forwarding or {}
+    pending_rows = _pending(conn, page)
+    if not pending_rows:
+        # Nothing to place: the nodes and running jobs would be read for nothing. Passes without queued
+        # jobs are frequent (every placement and start wakes the scheduler) and, with hundreds of jobs
+        # running, that read was most of their cost.
+        return _Read(Snapshot(jobs=(), nodes=(), policy=policy), {}, {}, False)
     node_rows, running_rows = _nodes_and_running(conn, list(forwarding))
     # Nodes of self-scheduling remotes are shown, but their own scheduler places on them, never ours.
     capacity = _capacity({i: n for i, n in node_rows.items() if n.remote_id not in forwarding}, running_rows)
-    pending_rows = _pending(conn, page)
     depends = {d for r in pending_rows.values() for d in (*r.depends, *r.depends_any)}
     dependency_rows = (
         list(
