@@ -150,14 +150,9 @@ class ExecutionLoop:
     # -- reading jobs --------------------------------------------------------------------------------
 
     async def _rows(self, states: frozenset[JobState], *, flagged_only: bool = False) -> list[Any]:
-        limit = None if flagged_only else LAUNCH_BATCH
-        return await self._store.read(
-            job_store.rows_with_owner,
-            states,
-            flagged_only=flagged_only,
-            limit=limit,
-            unlaunched=not flagged_only,  # to launch: not yet handed to a gate
-        )
+        if not flagged_only:  # to launch: not yet handed to a gate, and placed (or to be ended)
+            return await self._store.read(job_store.rows_to_launch, states, limit=LAUNCH_BATCH)
+        return await self._store.read(job_store.rows_with_owner, states, flagged_only=True)
 
     def _job_launch(self, row: Any) -> JobLaunch:
         spec = JobSpec.model_validate(row.spec)
