@@ -178,6 +178,15 @@ def _http_server_job(core: CoreProcess, port: int, user: str = "admin") -> str:
     return job.id
 
 
+def _cancel_and_wait(core: CoreProcess, job_id: str) -> None:
+    """Cancel the job and wait until it ended and nothing of it runs: the fixtures stop the agent and
+    the core right after the test, and a cancel still on its way would leave the job's server running."""
+    c = core.client()
+    c.cancel(job_id)
+    wait_for(lambda: c.job(job_id).state.terminal, 30, "the canceled job to end")
+    wait_for(lambda: not _job_processes(job_id), 30, "the canceled job's processes to be gone")
+
+
 async def _get_through_forward(core: CoreProcess, job_id: str, port: int, user: str = "admin") -> bytes:
     server = await forward(core.users[user].config, job_id, port)
     local = server.sockets[0].getsockname()[1]
@@ -201,7 +210,7 @@ def test_port_forward_reaches_a_jobs_http_server_on_an_agent_node(
     c = agent_core.client()
     wait_for(lambda: c.job(job_id).state is JobState.RUNNING, 30, "the server job to run")
     assert asyncio.run(_get_through_forward(agent_core, job_id, port)) == b"served\n"
-    c.cancel(job_id)
+    _cancel_and_wait(agent_core, job_id)
 
 
 async def _refused(core: CoreProcess, job_id: str, port: int, user: str) -> str:
@@ -219,7 +228,7 @@ def test_only_the_owner_reaches_a_declared_port(agent_core: CoreProcess, agent: 
     assert "HTTP 404" in asyncio.run(_refused(agent_core, job_id, port, "mallory"))
     undeclared = asyncio.run(_refused(agent_core, job_id, port + 1, "admin"))
     assert "not an 'in' port" in undeclared and "HTTP 403" in undeclared
-    c.cancel(job_id)
+    _cancel_and_wait(agent_core, job_id)
 
 
 def test_an_in_port_is_reachable_at_node_ips_0_for_the_original_clients(
@@ -245,7 +254,7 @@ def test_an_in_port_is_reachable_at_node_ips_0_for_the_original_clients(
             return None
 
     assert wait_for(fetch, 30, "the job's server through the core's listener") == b"served\n"
-    c.cancel(job_id)
+    _cancel_and_wait(agent_core, job_id)
     wait_for(lambda: fetch() is None, 30, "the listener to close after the job ended")
 
 
