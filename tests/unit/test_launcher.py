@@ -315,3 +315,28 @@ async def test_a_work_root_too_deep_for_a_socket_address_still_gets_its_launcher
         launcher.close()
         for pid in launcher_pids(deep):
             os.kill(pid, signal.SIGKILL)
+
+
+async def test_a_request_the_launcher_cannot_serve_is_refused_and_it_goes_on_serving(workroot: Path) -> None:
+    first = Launcher(workroot, allow_root=ALLOW_ROOT)
+    keeper = await first.launch(request(workroot, "keeper", ["sleep", "600"]))  # keeps the launcher up
+    assert not isinstance(keeper, int)
+    first.close()
+    reader, writer = await asyncio.open_unix_connection(str(workroot / SOCKET_NAME))
+    writer.write(b'{"op": "hello"}\n{"op": "launch", "request": {"control_dir": "/nowhere/x.1"}}\n')
+    assert b'"hello"' in await asyncio.wait_for(reader.readline(), TIMEOUT)
+    refused = await asyncio.wait_for(reader.readline(), TIMEOUT)
+    assert b'"refused"' in refused and b"the launcher failed" in refused
+    writer.close()
+    second = Launcher(workroot, allow_root=ALLOW_ROOT)
+    try:
+        ok = await second.launch(request(workroot, "after", ["sh", "-c", "exit 5"]))
+        assert not isinstance(ok, int)
+        ended = Ended()
+        second.watch(ok, ended)
+        assert await ended.wait() == 5
+        found = await second.query(Path(keeper.control_dir))
+        assert found == keeper
+        await second.terminate(found, grace_s=0)
+    finally:
+        second.close()

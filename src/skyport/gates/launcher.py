@@ -195,7 +195,7 @@ class _Server:
                     *lines, buffer = buffer.split(b"\n")
                     for line in lines:
                         if line.strip():
-                            self._handle(json.loads(line))
+                            self._handle_safely(line)
                 self._escalate_due()
 
     def _send(self, message: dict[str, Any]) -> None:
@@ -207,6 +207,20 @@ class _Server:
                 self._conn.sendall(data)
 
     # -- requests
+
+    def _handle_safely(self, line: bytes) -> None:
+        """Serve one request; a request that fails is answered (a launch: refused) and logged, and the
+        launcher goes on serving: it is the parent of every running job."""
+        message: dict[str, Any] = {}
+        try:
+            message = json.loads(line)
+            self._handle(message)
+        except Exception as exc:
+            log.exception("request failed: %.200r", line)
+            request = message.get("request") if message.get("op") == "launch" else None
+            if isinstance(request, dict) and "control_dir" in request:
+                cdir = os.path.abspath(str(request["control_dir"]))
+                self._send({"op": "refused", "cdir": cdir, "error": f"the launcher failed: {exc}"})
 
     def _handle(self, message: dict[str, Any]) -> None:
         op = message.get("op")
@@ -307,31 +321,39 @@ class _Server:
 
     def _reap_forever(self) -> None:
         while True:
-            with self._children:
-                self._children.wait_for(lambda: bool(self._running))
             try:
-                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT)
-            except ChildProcessError:
-                continue
-            if info is None:
-                continue
-            with self._lock:
-                cdir = self._by_pid.pop(info.si_pid, None)
-                if cdir is None:
-                    continue  # a child that failed its exec: subprocess reaped it already
-                handle = self._running[cdir]
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(handle.pgid, signal.SIGKILL)  # what the job left behind, as a batch system
-                result = os.waitid(os.P_PID, handle.pid, os.WEXITED)
-                assert result is not None
-                returncode = result.si_status if result.si_code == os.CLD_EXITED else -result.si_status
-                self._executor.forget_child(handle.pid, returncode)
-                status = _shell_status(returncode)
-                # the record first: a core that asks after this finds the status there
+                self._reap_one()
+            except Exception:  # the reaper must outlive any one job's trouble
+                log.exception("reaping failed")
+
+    def _reap_one(self) -> None:
+        """Wait for a job to end, KILL what it left in its group, reap it, record and report its status."""
+        with self._children:
+            self._children.wait_for(lambda: bool(self._running))
+        try:
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT)
+        except ChildProcessError:
+            return
+        if info is None:
+            return
+        with self._lock:
+            cdir = self._by_pid.pop(info.si_pid, None)
+            if cdir is None:
+                return  # a child that failed its exec: subprocess reaped it already
+            handle = self._running.pop(cdir)
+            self._kill_at.pop(cdir, None)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(handle.pgid, signal.SIGKILL)  # what the job left behind, as a batch system
+            result = os.waitid(os.P_PID, handle.pid, os.WEXITED)
+            assert result is not None
+            returncode = result.si_status if result.si_code == os.CLD_EXITED else -result.si_status
+            self._executor.forget_child(handle.pid, returncode)
+            status = _shell_status(returncode)
+            try:  # the record first: a core that asks after this finds the status there
                 _record_status(handle, status)
-                del self._running[cdir]
-                self._kill_at.pop(cdir, None)
-            self._send({"op": "exit", "cdir": cdir, "status": status})
+            except OSError as exc:  # the core still hears it below
+                log.warning("cannot record the status of %s: %s", cdir, exc)
+        self._send({"op": "exit", "cdir": cdir, "status": status})
 
 
 def record_path(control_dir: str) -> str:
