@@ -429,6 +429,16 @@ def _open_dir_trusted(path: str) -> int | None:
     return None
 
 
+def _make_dir(path: str, mode: int) -> None:
+    """A directory, with its parents if missing; one ``mkdir`` in the usual case (a launch is a hot path)."""
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        os.makedirs(path, mode, exist_ok=True)
+
+
 def _interpreter(script: str) -> list[str]:
     """The interpreter of a ``#!`` line and its optional argument, split as Linux does: the program
     up to the first blank, then the rest of the line (trimmed) as one argument, if any."""
@@ -623,12 +633,7 @@ class ProcessExecutor:
 
     def _make_control_dir(self, cdir: str, job_account: _Account | None) -> None:
         """Create the control directory if needed; refuse one the job's user could write."""
-        try:
-            os.mkdir(cdir, 0o711)
-        except FileExistsError:
-            pass
-        except FileNotFoundError:
-            os.makedirs(cdir, 0o711, exist_ok=True)
+        _make_dir(cdir, 0o711)
         if job_account is not None:
             self._check_control_dir(cdir, job_account)
 
@@ -705,12 +710,7 @@ class ProcessExecutor:
     ) -> subprocess.Popen[bytes]:
         """Start a job that runs as the executor's own account: we open its files and workdir."""
         workdir = os.path.abspath(req.workdir)
-        try:
-            os.mkdir(workdir, 0o700)
-        except FileExistsError:
-            pass
-        except FileNotFoundError:
-            os.makedirs(workdir, 0o700, exist_ok=True)
+        _make_dir(workdir, 0o700)
         fds: list[int] = []
         try:
             stdin = (
