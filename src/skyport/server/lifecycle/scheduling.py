@@ -53,6 +53,10 @@ log = structlog.get_logger(__name__)
 #: on every pass, to place the few that fit, was the core's largest cost under a deep queue.
 MIN_PAGE = 64
 BACKFILL_DEPTH = 1024
+#: What a pass reads first. Under a steady stream of short jobs a pass places the few whose CPUs were
+#: freed since the last one (every 20 ms), and reading (and building) 64 queued jobs for them was the
+#: scheduler's largest cost; a page that is placed whole grows at once (x4).
+FIRST_PAGE = 16
 MAX_PAGE = 8192
 #: Shortest time between two passes. Submissions arrive far faster than placements matter; one pass
 #: per few milliseconds serves them all in batches instead of one pass per submission.
@@ -395,7 +399,7 @@ class SchedulerLoop:
         self._interval = interval_s
         self._on_placed = on_placed
         self._depth = MIN_PAGE if settings.algorithm == "fcfs" else BACKFILL_DEPTH
-        self._page = MIN_PAGE
+        self._page = FIRST_PAGE
         #: whether the last deep (backfill) look found nothing to place, and capacity has not changed
         #: since: another deep look would find nothing either
         self._deep_fruitless = False
@@ -492,9 +496,9 @@ class SchedulerLoop:
         return decided
 
     def _next_page(self, snapshot: Snapshot, decided: Plan, blocked: bool) -> None:
-        """How many queued jobs the next pass reads (see :data:`MIN_PAGE`)."""
+        """How many queued jobs the next pass reads (see :data:`MIN_PAGE` and :data:`FIRST_PAGE`)."""
         page, deeper_queue = self._page, len(snapshot.jobs) >= self._page
-        if page > MIN_PAGE and page >= self._depth:  # this was a deep look
+        if page > FIRST_PAGE and page >= self._depth:  # this was a deep look
             self._deep_fruitless = not decided.placements
         if not decided.waits and deeper_queue:  # the whole page went: more may fit, look again at once
             self._page = min(page * 4, MAX_PAGE)
@@ -509,7 +513,7 @@ class SchedulerLoop:
             self._page = self._depth
             self.wakeup.ring()
         else:
-            self._page = MIN_PAGE
+            self._page = FIRST_PAGE
 
     async def _record(
         self, decided: Plan, node_rows: dict[str, Any], pending_rows: dict[str, Any], now: datetime
