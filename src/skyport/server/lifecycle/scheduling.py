@@ -223,6 +223,8 @@ def _pending(conn: Connection, page: int) -> dict[str, Any]:
 
 def _offers(conn: Connection, max_creating: dict[str, int]) -> tuple[FlavorOffer, ...]:
     """The flavors of remotes that create partitions, with how many each is creating now."""
+    if not max_creating:  # no such remote: two queries a pass saved
+        return ()
     creating = partition_store.creating_counts(conn)
     return tuple(
         FlavorOffer(
