@@ -98,6 +98,13 @@ def nodes_up(core: CoreProcess, names: list[str]) -> bool:
     return set(names) <= up
 
 
+def niceness(pid: int) -> tuple[list[int], int | None]:
+    """The niceness of each thread of ``pid``, and of its session's autogroup (None: no autogroups)."""
+    threads = [os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir(f"/proc/{pid}/task")]
+    autogroup = Path(f"/proc/{pid}/autogroup")
+    return threads, int(autogroup.read_text().split()[-1]) if autogroup.exists() else None
+
+
 def cli_nodes(core: CoreProcess) -> str:
     env = {**os.environ, "SKYPORT_HOME": str(core.home), "SKYPORT_URL": core.url}
     done = subprocess.run(
@@ -189,6 +196,28 @@ async def test_a_refused_token_fails_the_partition_with_the_agents_words(
     status = await until(failed, 30, "the VM's agent to give up")
     assert "its agent exited" in status.message and "p3-0" in status.message
     await sim.delete_partition("p3")
+
+
+async def test_vms_agents_run_at_the_niceness_asked_for(core: CoreProcess, tmp_path: Path) -> None:
+    """``agent_nice``: every thread of the VMs' agent process (a pool of two here) runs at that niceness,
+    and so does its session where the kernel shares the CPU between sessions first (autogroups), so that
+    the simulated VMs yield the CPU to the core on the same machine."""
+    gate = SimGate("cloud", sim_settings(tmp_path, agent_nice=7, agents_per_process=2))
+    try:
+        await gate.create_partition(await make_request(core, "p5", nodes=2))
+        await ready(gate, "p5")
+        await until(lambda: nodes_up(core, ["p5-0", "p5-1"]), 30, "the VMs to come up")
+        pools = [p for p in sim_inventory(gate.state_dir, netns=False).processes if "agent-pool" in p.argv]
+        assert len(pools) == 1, pools
+        threads, session = niceness(pools[0].pid)
+        assert len(threads) > 1, "the pool has threads besides its main one"
+        assert set(threads) == {7}, threads
+        assert session in {None, 7}, f"the session's niceness (autogroup): {session}"
+        await gate.delete_partition("p5")
+        left = gate.state_dir
+        await until(lambda: sim_inventory(left, netns=False).empty, 30, "the pool to exit once idle")
+    finally:
+        await gate.close()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
