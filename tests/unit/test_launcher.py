@@ -340,3 +340,20 @@ async def test_a_request_the_launcher_cannot_serve_is_refused_and_it_goes_on_ser
         await second.terminate(found, grace_s=0)
     finally:
         second.close()
+
+
+async def test_two_cores_sharing_a_work_root_are_served_side_by_side(workroot: Path) -> None:
+    first, second = Launcher(workroot, allow_root=ALLOW_ROOT), Launcher(workroot, allow_root=ALLOW_ROOT)
+    try:
+        a = await first.launch(request(workroot, "one", ["sh", "-c", "exit 6"]))
+        # while the first is connected (a launcher serving one core at a time never answered this)
+        b = await asyncio.wait_for(second.launch(request(workroot, "two", ["sh", "-c", "exit 9"])), TIMEOUT)
+        assert not isinstance(a, int) and not isinstance(b, int)
+        ended_a, ended_b = Ended(), Ended()
+        first.watch(a, ended_a)
+        second.watch(b, ended_b)
+        assert (await ended_a.wait(), await ended_b.wait()) == (6, 9)  # each hears of its own job
+        assert len(launcher_pids(workroot)) == 1
+    finally:
+        first.close()
+        second.close()

@@ -15,9 +15,10 @@ and no directory (unless the job needs one, for its script): on this kind of dis
 directory costs from 20 us to over 0.5 ms of kernel CPU, the largest part of a trivial job's cost.
 
 Protocol: JSON lines over a Unix socket in the work root (mode 0600: only the core's account). Requests
-are served one at a time, in order, from one connection at a time; a new connection (a restarted core)
-is served only after the previous one has ended and everything it sent has been done, so a restarted
-core's questions are answered after the dead core's last launch, never before.
+are served one at a time, in order; of several connected cores (two sharing a work root, or a restarted
+core while its dead predecessor's connection is still being read) the oldest connection's requests are
+served first, so a restarted core's questions are answered after the dead core's last launch, never
+before. A job's end is told to the core that launched it (or last asked about it).
 
 - ``{"op": "hello"}`` -> ``{"op": "hello"}``: the connection is being served.
 - ``{"op": "launch", "request": {...}}`` -> ``{"op": "launched", "cdir", "pid", "start_ticks"}``, or
@@ -44,6 +45,7 @@ import fcntl
 import json
 import logging
 import os
+import select
 import selectors
 import signal
 import socket
@@ -130,8 +132,33 @@ def _shell_status(returncode: int) -> int:
 # ------------------------------------------------------------------------------------ the process
 
 
+#: How long a reply may wait for a core to read (then that core is taken for gone).
+SEND_TIMEOUT_S = 30.0
+
+
+def _send_whole(sock: socket.socket, data: bytes) -> None:
+    """Write all of ``data`` to a non-blocking socket, waiting while the peer's buffer is full."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view) :]
+        except BlockingIOError:
+            _, writable, _ = select.select([], [sock], [], SEND_TIMEOUT_S)
+            if not writable:
+                raise TimeoutError("the core does not read its replies") from None
+
+
+class _Connection:
+    """A connected core: its socket and what it sent that is not a whole line yet."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+        sock.setblocking(False)
+
+
 class _Server:
-    """The launcher process's state: its jobs, their KILL deadlines, and the connected core."""
+    """The launcher process's state: its jobs, their KILL deadlines, and the connected cores."""
 
     def __init__(self, listener: socket.socket, executor: ProcessExecutor) -> None:
         self._listener = listener
@@ -143,105 +170,130 @@ class _Server:
         self._running: dict[str, ProcessHandle] = {}  # control dir -> job
         self._by_pid: dict[int, str] = {}
         self._kill_at: dict[str, float] = {}
-        self._conn: socket.socket | None = None
+        #: connected cores, oldest first; and which one hears of each job's end (the one that launched
+        #: or last asked about it)
+        self._conns: list[_Connection] = []
+        self._owner: dict[str, _Connection] = {}
         self._send_lock = threading.Lock()
 
     # -- serving
 
     def serve(self) -> None:
+        """Serve cores until none is connected, no job runs and none came for :data:`IDLE_GRACE_S`.
+
+        Several cores may be connected (two cores sharing a work root; a restarted core while the
+        dead one's connection is still being read). Whatever is readable is served oldest connection
+        first, each drained of what it sent: a dead core's last requests, already in its socket when
+        its successor connects, are done before the successor's questions.
+        """
         threading.Thread(target=self._reap_forever, name="launcher-reaper", daemon=True).start()
-        while True:
-            self._conn = self._accept()
-            if self._conn is None:
-                return  # idle: no core and no job
-            try:
-                self._serve_connection(self._conn)
-            finally:
-                with self._send_lock:
-                    self._conn.close()
-                    self._conn = None
-
-    def _accept(self) -> socket.socket | None:
-        """Wait for a core while jobs run (and their KILL deadlines pass); None once nothing has run and
-        no core has come for :data:`IDLE_GRACE_S`."""
-        while True:
-            with self._lock:
-                idle = not self._running
-            if self._listener_ready(IDLE_GRACE_S if idle else self._next_timeout(1.0)):
-                return self._listener.accept()[0]
-            with self._lock:
-                if idle and not self._running:
-                    return None
-            self._escalate_due()
-
-    def _listener_ready(self, timeout: float | None) -> bool:
+        self._listener.setblocking(False)
+        idle_since: float | None = None
         with selectors.DefaultSelector() as sel:
             sel.register(self._listener, selectors.EVENT_READ)
-            return bool(sel.select(timeout))
-
-    def _serve_connection(self, conn: socket.socket) -> None:
-        buffer = b""
-        with selectors.DefaultSelector() as sel:
-            sel.register(conn, selectors.EVENT_READ)
             while True:
-                if sel.select(self._next_timeout(None)):
-                    try:
-                        data = conn.recv(1 << 16)
-                    except OSError:
-                        data = b""
-                    if not data:
-                        return
-                    buffer += data
-                    *lines, buffer = buffer.split(b"\n")
-                    for line in lines:
-                        if line.strip():
-                            self._handle_safely(line)
+                with self._lock:
+                    idle = not self._running and not self._conns
+                if not idle:
+                    idle_since = None
+                elif idle_since is None:
+                    idle_since = time.monotonic()
+                elif time.monotonic() - idle_since >= IDLE_GRACE_S:
+                    return
+                timeout = self._next_timeout(IDLE_GRACE_S if idle else 1.0)
+                ready = {key.fileobj for key, _ in sel.select(timeout)}
+                for conn in list(self._conns):
+                    if conn.sock in ready:
+                        self._read(conn, sel)
+                if self._listener in ready:
+                    self._accept(sel)
                 self._escalate_due()
 
-    def _send(self, message: dict[str, Any]) -> None:
+    def _accept(self, sel: selectors.BaseSelector) -> None:
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            conn = _Connection(sock)
+            with self._send_lock:
+                self._conns.append(conn)
+            sel.register(sock, selectors.EVENT_READ)
+
+    def _read(self, conn: _Connection, sel: selectors.BaseSelector) -> None:
+        """Serve everything ``conn`` has sent; close it at its end."""
+        while True:
+            try:
+                data = conn.sock.recv(1 << 16)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._close(conn, sel)
+                return
+            conn.buffer += data
+            *lines, conn.buffer = conn.buffer.split(b"\n")
+            for line in lines:
+                if line.strip():
+                    self._handle_safely(conn, line)
+
+    def _close(self, conn: _Connection, sel: selectors.BaseSelector) -> None:
+        sel.unregister(conn.sock)
+        with self._send_lock:
+            self._conns.remove(conn)
+            conn.sock.close()
+        with self._lock:
+            for cdir in [c for c, owner in self._owner.items() if owner is conn]:
+                del self._owner[cdir]  # its end is in the launch record for whoever asks
+
+    def _send(self, conn: _Connection | None, message: dict[str, Any]) -> None:
         data = json.dumps(message).encode() + b"\n"
         with self._send_lock:
-            if self._conn is None:
-                return  # no core: the launch record tells it when it asks
-            with contextlib.suppress(OSError):  # the core is gone; it asks again when it is back
-                self._conn.sendall(data)
+            if conn is None or conn not in self._conns:
+                return  # that core is gone: the launch record tells whoever asks
+            with contextlib.suppress(OSError):  # gone: its connection's end is seen by the next read
+                _send_whole(conn.sock, data)
 
     # -- requests
 
-    def _handle_safely(self, line: bytes) -> None:
+    def _handle_safely(self, conn: _Connection, line: bytes) -> None:
         """Serve one request; a request that fails is answered (a launch: refused) and logged, and the
         launcher goes on serving: it is the parent of every running job."""
         message: dict[str, Any] = {}
         try:
             message = json.loads(line)
-            self._handle(message)
+            self._handle(conn, message)
         except Exception as exc:
             log.exception("request failed: %.200r", line)
             request = message.get("request") if message.get("op") == "launch" else None
             if isinstance(request, dict) and "control_dir" in request:
                 cdir = os.path.abspath(str(request["control_dir"]))
-                self._send({"op": "refused", "cdir": cdir, "error": f"the launcher failed: {exc}"})
+                self._send(conn, {"op": "refused", "cdir": cdir, "error": f"the launcher failed: {exc}"})
 
-    def _handle(self, message: dict[str, Any]) -> None:
+    def _handle(self, conn: _Connection, message: dict[str, Any]) -> None:
         op = message.get("op")
-        if op == "hello":  # the connection is served: whatever an earlier one sent is done
-            self._send({"op": "hello", "cdir": ""})
+        if op == "hello":  # served: whatever older connections had sent is done
+            self._send(conn, {"op": "hello", "cdir": ""})
         elif op == "launch":
-            self._send(self._launch(message["request"]))
+            self._send(conn, self._launch(conn, message["request"]))
         elif op == "query":
             cdir = str(message["cdir"])
             with self._lock:
                 handle = self._running.get(cdir)
+                if handle is not None:
+                    self._owner[cdir] = conn  # the asking core watches it from now on
             if handle is None:
-                self._send({"op": "not_running", "cdir": cdir})
+                self._send(conn, {"op": "not_running", "cdir": cdir})
             else:
                 self._send(
-                    {"op": "running", "cdir": cdir, "pid": handle.pid, "start_ticks": handle.start_ticks}
+                    conn,
+                    {"op": "running", "cdir": cdir, "pid": handle.pid, "start_ticks": handle.start_ticks},
                 )
         elif op == "terminate":
             self._terminate(str(message["cdir"]), float(message["grace_s"]))
 
-    def _launch(self, wire: dict[str, Any]) -> dict[str, Any]:
+    def _launch(self, conn: _Connection, wire: dict[str, Any]) -> dict[str, Any]:
         req = _request_from_wire(wire)
         cdir = os.path.abspath(req.control_dir)
         try:
@@ -263,6 +315,7 @@ class _Server:
                     return self._not_started(req, cdir, exc)
                 os.write(record, _started_line(handle))  # before the reaper can append the status
                 self._running[cdir] = handle
+                self._owner[cdir] = conn  # before the reaper can see it end
                 self._by_pid[handle.pid] = cdir
                 self._children.notify()
         finally:
@@ -353,7 +406,8 @@ class _Server:
                 _record_status(handle, status)
             except OSError as exc:  # the core still hears it below
                 log.warning("cannot record the status of %s: %s", cdir, exc)
-        self._send({"op": "exit", "cdir": cdir, "status": status})
+            owner = self._owner.pop(cdir, None)
+        self._send(owner, {"op": "exit", "cdir": cdir, "status": status})
 
 
 def record_path(control_dir: str) -> str:
@@ -520,8 +574,8 @@ class Launcher:
                 pass
             else:
                 writer.write(b'{"op": "hello"}\n')
-                with contextlib.suppress(OSError):
-                    if await reader.readline():
+                with contextlib.suppress(OSError, TimeoutError):
+                    if await asyncio.wait_for(reader.readline(), START_TIMEOUT_S):
                         return reader, writer
                 writer.close()
             if time.monotonic() > deadline:
