@@ -24,7 +24,7 @@ from skyport.gates.launcher import (
     record_path,
 )
 from skyport.gates.local import LocalGate
-from skyport.gates.process import LaunchError, LaunchRequest
+from skyport.gates.process import LaunchError, LaunchRequest, ProcessHandle
 from skyport.models import JobSpec
 from skyport.server.settings import LocalGateSettings
 
@@ -62,6 +62,13 @@ class Ended:
     async def wait(self) -> int | None:
         await asyncio.wait_for(self.event.wait(), TIMEOUT)
         return self.statuses[0]
+
+
+async def ended_with(launcher: Launcher, handle: ProcessHandle) -> int | None:
+    """Watch ``handle`` and wait for the status the launcher reports."""
+    ended = Ended()
+    launcher.watch(handle, ended)
+    return await ended.wait()
 
 
 async def until(condition: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
@@ -109,9 +116,7 @@ async def test_a_job_runs_directly_under_the_launcher_and_its_status_is_reported
     try:
         handle = await launcher.launch(request(workroot, "a", ["sh", "-c", "echo out; exit 3"]))
         assert not isinstance(handle, int)
-        ended = Ended()
-        launcher.watch(handle, ended)
-        assert await ended.wait() == 3
+        assert await ended_with(launcher, handle) == 3
         assert text_of(record_path(handle.control_dir)) == f"{handle.pid} {handle.start_ticks}\n3\n"
         # a command needs no control directory: its record is the one file the launcher made
         assert sorted(p.name for p in (workroot / ".control").iterdir()) == ["a.1.state"]
@@ -308,9 +313,7 @@ async def test_a_work_root_too_deep_for_a_socket_address_still_gets_its_launcher
     try:
         handle = await launcher.launch(request(deep, "deep", ["sh", "-c", "exit 4"]))
         assert not isinstance(handle, int)
-        ended = Ended()
-        launcher.watch(handle, ended)
-        assert await ended.wait() == 4
+        assert await ended_with(launcher, handle) == 4
     finally:
         launcher.close()
         for pid in launcher_pids(deep):
@@ -332,9 +335,7 @@ async def test_a_request_the_launcher_cannot_serve_is_refused_and_it_goes_on_ser
     try:
         ok = await second.launch(request(workroot, "after", ["sh", "-c", "exit 5"]))
         assert not isinstance(ok, int)
-        ended = Ended()
-        second.watch(ok, ended)
-        assert await ended.wait() == 5
+        assert await ended_with(second, ok) == 5
         found = await second.query(Path(keeper.control_dir))
         assert found == keeper
         await second.terminate(found, grace_s=0)

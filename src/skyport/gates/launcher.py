@@ -397,10 +397,8 @@ class _Server:
             self._kill_at.pop(cdir, None)
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(handle.pgid, signal.SIGKILL)  # what the job left behind, as a batch system
-            result = os.waitid(os.P_PID, handle.pid, os.WEXITED)
-            assert result is not None
-            returncode = result.si_status if result.si_code == os.CLD_EXITED else -result.si_status
-            self._executor.forget_child(handle.pid, returncode)
+            returncode = self._executor.forget_child(handle.pid, os.waitid(os.P_PID, handle.pid, os.WEXITED))
+            assert returncode is not None  # a blocking wait always has a result
             status = _shell_status(returncode)
             try:  # the record first: a core that asks after this finds the status there
                 _record_status(handle, status)

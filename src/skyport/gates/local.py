@@ -267,7 +267,7 @@ class LocalGate:
 
     def watch(self, job_id: str, handle: Handle, on_exit: ExitCallback) -> None:
         def _ended(status: ExitStatus) -> None:
-            on_exit(job_id, Exit(status.exit_code, status.signal, status.reason, status.message))
+            on_exit(job_id, _gate_exit(status))
 
         if handle.get("process") is None:  # never ran (see launch)
             status = ExitStatus.from_shell_status(int(handle["not_run"]))
@@ -299,9 +299,8 @@ class LocalGate:
 
     async def recover(self, job: JobLaunch, handle: Handle | None) -> Recovered:
         if handle is not None and handle.get("process") is None and "not_run" in handle:
-            status = ExitStatus.from_shell_status(int(handle["not_run"]))
             return Recovered(
-                handle=None, exit=Exit(status.exit_code, status.signal, status.reason, status.message)
+                handle=None, exit=_gate_exit(ExitStatus.from_shell_status(int(handle["not_run"])))
             )
         if handle is not None and not handle.get("launcher"):
             process = ProcessHandle.from_dict(handle["process"])
@@ -320,7 +319,7 @@ class LocalGate:
             return Recovered(
                 handle=None, exit=Exit(None, None, "lost", "the job's process could not be found")
             )
-        return Recovered(handle=None, exit=Exit(found.exit_code, found.signal, found.reason, found.message))
+        return Recovered(handle=None, exit=_gate_exit(found))
 
     async def _recover_launched(self, job: JobLaunch) -> Recovered:
         """After a restart of the core: ask the launcher, then the job's launch record."""
@@ -340,9 +339,8 @@ class LocalGate:
         if record is None:
             return Recovered(handle=None, exit=None)  # never launched: launch it now
         if record.process is not None:
-            ended = self._launched_status(record.process, record.status)
             return Recovered(
-                handle=None, exit=Exit(ended.exit_code, ended.signal, ended.reason, ended.message)
+                handle=None, exit=_gate_exit(self._launched_status(record.process, record.status))
             )
         # claimed but never started by a live launcher: one died while starting it, and it may have run
         return Recovered(
@@ -374,6 +372,11 @@ class LocalGate:
         if self._launcher is not None:
             self._launcher.close()
         self._executor.close()
+
+
+def _gate_exit(status: ExitStatus) -> Exit:
+    """The executor's account of an end, as the gate interface reports it."""
+    return Exit(status.exit_code, status.signal, status.reason, status.message)
 
 
 def _collect_outputs(

@@ -936,7 +936,7 @@ class ProcessExecutor:
         if peek is not None:
             with contextlib.suppress(ChildProcessError):
                 result = os.waitid(os.P_PIDFD, w.pidfd, os.WEXITED | os.WNOHANG)
-            self._forget_child(w.handle.pid, result)
+            self.forget_child(w.handle.pid, result)
         self._finish(w, self._exit_status(w, result))
 
     def _clean_group(self, w: _Watch, *, is_child: bool) -> None:
@@ -953,18 +953,17 @@ class ProcessExecutor:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(w.handle.pgid, signal.SIGKILL)
 
-    def forget_child(self, pid: int, returncode: int) -> None:
-        """Tell subprocess that someone else (the launcher) reaped our child ``pid``."""
+    def forget_child(self, pid: int, result: os.waitid_result | None) -> int | None:
+        """Tell subprocess that its child ``pid`` was reaped (by us, or by the launcher that uses this
+        executor), so it never waits for a pid that may be reused; returns the child's return code
+        (negative: killed by that signal), or None without a wait result."""
         proc, _ = self._children.pop(pid, (None, 0))
+        if result is None:
+            return None
+        code = result.si_status if result.si_code == os.CLD_EXITED else -result.si_status
         if proc is not None:
-            proc.returncode = returncode
-
-    def _forget_child(self, pid: int, result: os.waitid_result | None) -> None:
-        """Tell subprocess that we reaped its child, so it never waits for a pid that may be reused."""
-        proc, _ = self._children.pop(pid, (None, 0))
-        if proc is not None and result is not None:
-            code = result.si_status if result.si_code == os.CLD_EXITED else -result.si_status
             proc.returncode = code
+        return code
 
     @staticmethod
     def _exit_status(w: _Watch, result: os.waitid_result | None) -> ExitStatus:
