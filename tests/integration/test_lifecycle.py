@@ -444,6 +444,24 @@ def test_jobs_filling_the_node_run_one_at_a_time_in_submission_order(limited_cli
         )
 
 
+def test_free_cpus_are_filled_by_one_scheduling_pass_not_a_page_at_a_time(tmp_path: Path) -> None:
+    """40 queued jobs and 40 free CPUs: all 40 are placed together (one pass, one placement time),
+    not the first few and the rest a pass later."""
+    cpus = 40
+    core = CoreProcess(tmp_path / "home", env={"SKYPORT_LOCAL__CPUS": str(cpus)})
+    core.start()
+    try:
+        with core.client("admin") as c:
+            first = c.submit(JobSpec(name=unique("fill"), command=["true"], array=f"1-{cpus}"))
+            wait_for(lambda: c.array(first.array_id).done, END_DEADLINE_S, "the array's tasks to end")
+            tasks = c.jobs(array=first.array_id, limit=100).items
+            assert [t.state for t in tasks] == [JobState.COMPLETED] * cpus
+            placed = {e.time for t in tasks for e in c.events(t.id) if e.to_state is JobState.SCHEDULED}
+    finally:
+        core.cleanup()
+    assert len(placed) == 1, f"{cpus} jobs for {cpus} free CPUs were placed at {len(placed)} moments"
+
+
 # ---------------------------------------------------------------------------------------------------
 # Operations endpoints
 

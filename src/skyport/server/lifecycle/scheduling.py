@@ -251,7 +251,10 @@ def _read_snapshot(
     half_life_s: float,
     max_creating: dict[str, int],
     forwarding: dict[str, ForwardingRemote] | None = None,
+    max_page: int = MIN_PAGE,
 ) -> _Read:
+    """What a pass plans with: ``page`` queued jobs from the head of the queue, more (up to
+    ``max_page``) when more CPUs are free than that, and the nodes and jobs that hold them."""
     forwarding = forwarding or {}
     pending_rows = _pending(conn, page)
     if not pending_rows:
@@ -262,6 +265,11 @@ def _read_snapshot(
     node_rows, running_rows = _nodes_and_running(conn, list(forwarding))
     # Nodes of self-scheduling remotes are shown, but their own scheduler places on them, never ours.
     capacity = _capacity({i: n for i, n in node_rows.items() if n.remote_id not in forwarding}, running_rows)
+    free_cpus = sum(max(0, n.free_cpus) for n in capacity)
+    if len(pending_rows) == page and free_cpus >= page and page < max_page:
+        # More CPUs are free than the page has jobs (a job takes one at least): read as many queued jobs
+        # as could start, and one more, so that this pass fills them all instead of a page at a time.
+        pending_rows = _pending(conn, min(max_page, free_cpus + 1))
     depends = {d for r in pending_rows.values() for d in (*r.depends, *r.depends_any)}
     dependency_rows = (
         list(
@@ -474,6 +482,7 @@ class SchedulerLoop:
             self._settings.usage_half_life_s,
             max_creating,
             forwarding=self._forwarding,
+            max_page=self._depth,
         )
         snapshot = read.snapshot
         if not snapshot.jobs:
@@ -502,7 +511,8 @@ class SchedulerLoop:
         page, deeper_queue = self._page, len(snapshot.jobs) >= self._page
         if page > FIRST_PAGE and page >= self._depth:  # this was a deep look
             self._deep_fruitless = not decided.placements
-        if not decided.waits and deeper_queue:  # the whole page went: more may fit, look again at once
+        if not decided.waits and deeper_queue and _capacity_left(snapshot, decided):
+            # the whole page went and CPUs are still free: more may fit, look again at once
             self._page = min(page * 4, MAX_PAGE)
             self.wakeup.ring()
         elif (
