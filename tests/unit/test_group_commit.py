@@ -70,3 +70,21 @@ async def test_groups_are_bounded(store: CountingStore) -> None:
     assert await asyncio.gather(*(group.write(n) for n in range(7))) == [n * 10 for n in range(7)]
     assert store.writes == 3
     assert await store.read(_rows) == list(range(7))
+
+
+def _insert_all(conn: Connection, items: list[int]) -> list[int]:
+    if any(item < 0 for item in items):
+        raise ValueError("no negative items")
+    conn.execute(text("INSERT INTO t (x) VALUES (:x)"), [{"x": item} for item in items])
+    return [item * 10 for item in items]
+
+
+async def test_a_group_is_written_by_the_group_transaction_and_alone_if_it_fails(
+    store: CountingStore,
+) -> None:
+    group = GroupCommit(store, _insert, group_txn=_insert_all)
+    assert await asyncio.gather(*(group.write(n) for n in range(5))) == [n * 10 for n in range(5)]
+    assert store.writes <= 2  # the first alone, then the other four together
+    outcomes = await asyncio.gather(*(group.write(n) for n in (5, -6, 7)), return_exceptions=True)
+    assert outcomes[0] == 50 and outcomes[2] == 70 and isinstance(outcomes[1], ValueError)
+    assert await store.read(_rows) == [0, 1, 2, 3, 4, 5, 7]

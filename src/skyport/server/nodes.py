@@ -69,8 +69,8 @@ class NodeEnrolment:
         self._ca: CertificateAuthority | None = None
         # A burst of booting VMs enrols and says hello together: one transaction for those that arrive
         # together (see skyport.server.store.batch).
-        self._enrolments = GroupCommit(store, _redeem_and_register)
-        self._hellos = GroupCommit(store, _refresh)
+        self._enrolments = GroupCommit(store, _redeem_and_register, group_txn=_redeem_and_register_all)
+        self._hellos = GroupCommit(store, _refresh, group_txn=_refresh_all)
 
     def _authority(self) -> CertificateAuthority:
         if self._ca is None:
@@ -184,6 +184,24 @@ def _refresh(conn: Connection, hello: _Hello) -> bool:
     return granted is not None
 
 
+def _refresh_all(conn: Connection, hellos: list[_Hello]) -> list[bool]:
+    """:func:`_refresh` for a group of hellos, in a few statements."""
+    return enrol_store.refresh_nodes(conn, [(hello.node_id, hello.values) for hello in hellos])
+
+
+def _redeem_and_register_all(conn: Connection, arrivals: list[_Arrival]) -> list[enrol_store.Enrolment | str]:
+    """:func:`_redeem_and_register` for a group of enrolments, in a few statements."""
+    now = max(arrival.now for arrival in arrivals)  # the group's tokens are used when the last arrived
+    granted = enrol_store.redeem_bootstrap_tokens(conn, [arrival.token for arrival in arrivals], now)
+    enrolled = [
+        (grant, arrival.host, arrival.ip)
+        for arrival, grant in zip(arrivals, granted, strict=True)
+        if not isinstance(grant, str)
+    ]
+    enrol_store.register_enrolled_nodes(conn, enrolled, now)
+    return granted
+
+
 def _redeem_and_register(conn: Connection, arrival: _Arrival) -> enrol_store.Enrolment | str:
     """Use the token up and record the node, in one transaction."""
     granted = enrol_store.redeem_bootstrap_token(conn, arrival.token, arrival.now)
@@ -229,7 +247,14 @@ class NodeLoop:
         self._on_change = on_change
         self._interval = interval_s
         self.wakeup = Wakeup()
-        hub.on_connect = lambda _: self.wakeup.ring()
+        hub.on_connect = self._connected
+
+    def _connected(self, _node_id: str) -> None:
+        """An agent said hello: its node is recorded up already (the hello's transaction did it), so no
+        pass of this loop would find a power state to change and call ``on_change``; placements waiting
+        for the node (a booting partition's) would wait for their loops' timers. Tell them now."""
+        self.wakeup.ring()
+        self._on_change()
 
     async def run(self) -> None:
         await run_passes(self.pass_once, lambda: self.wakeup.wait(self._interval), "nodes")

@@ -60,8 +60,11 @@ log = structlog.get_logger(__name__)
 PARALLEL_STEPS = 256
 GC_INTERVAL_S = 60.0
 CATALOG_INTERVAL_S = 600.0
-#: How often a partition being created or booted is checked with its provider.
+#: How often a partition being created is checked with its provider.
 POLL_INTERVAL_S = 1.0
+#: How often a booted partition waiting for its agents is checked with its provider (at most: a remote's
+#: shorter ``check_interval_s`` wins). Its placement does not wait for this: it follows its nodes' hellos.
+BOOT_CHECK_INTERVAL_S = 5.0
 #: A provider call that does not answer in this long counts as a transient failure.
 CALL_TIMEOUT_S = 60.0
 
@@ -149,10 +152,13 @@ class ProvisioningLoop:
                 self._spawn(self._batch(kind, rows))
 
     def _due(self, row: Any, tick: float, nodes_up: int) -> bool:
-        """Whether a partition needs a step in this pass. Waiting on the provider (creating) or on the
-        agents (booting) is polled every POLL_INTERVAL_S, not every pass: hundreds of partitions boot at
-        once. A booting partition whose nodes are all up is placed at once. A partition in use by its
-        job is looked at when its job ends, and asked about every ``check_interval_s`` (preemption)."""
+        """Whether a partition needs a step in this pass. Waiting on the provider (creating) is polled
+        every POLL_INTERVAL_S, not every pass: hundreds of partitions boot at once. A booting partition
+        whose nodes are all up is placed at once (an agent's hello wakes this loop); one still waiting
+        for its agents is asked about every BOOT_CHECK_INTERVAL_S (a VM that died while booting): asking
+        each second cost a provider call per partition per second, and while 500 VMs' agents enrolled
+        those calls were a fifth of the core's event loop. A partition in use by its job is looked at
+        when its job ends, and asked about every ``check_interval_s`` (preemption)."""
         if row.state == "in_use" and self._job_is_on(row):
             interval = self._remotes[row.remote_id].check_interval_s
             return tick - self._polled.get(row.id, float("-inf")) >= interval
@@ -160,7 +166,10 @@ class ProvisioningLoop:
             return True
         if row.state == "booting" and nodes_up >= row.node_count:
             return True
-        if tick - self._polled.get(row.id, float("-inf")) < POLL_INTERVAL_S and not self._late(row):
+        interval = POLL_INTERVAL_S
+        if row.state == "booting":
+            interval = min(BOOT_CHECK_INTERVAL_S, self._remotes[row.remote_id].check_interval_s)
+        if tick - self._polled.get(row.id, float("-inf")) < interval and not self._late(row):
             return False
         self._polled[row.id] = tick
         return True
@@ -652,7 +661,9 @@ def _place(
         },
     )
     current = partition_store.job_of(conn, job_id)
-    if current is None or current.partition_id != partition_id:
+    if current is None or current.partition_id != partition_id or current.node_ids:
+        # Placed already: by a pass that read the partition before an earlier pass's placement was
+        # committed (an agent's hello wakes this loop at once, so passes follow each other closely).
         return False
     placed = bool(job_store.transition(conn, [change], now))
     if placed:  # in the same transaction: a crash never leaves a placed job on a "booting" partition

@@ -7,6 +7,10 @@ behind all the others. A :class:`GroupCommit` writes every item that arrived whi
 being written in one transaction, so those costs are paid once per group, not once per agent; a lone
 item is written at once, as before.
 
+A group is written by ``group_txn(conn, items)`` when one is given — the same writes as ``txn`` for each
+item, but a few statements for the whole group instead of a few per item (each statement costs the
+writer thread its Python and the event loop the GIL) — else by ``txn`` for each item in turn.
+
 One item's failure must not fail the others: when a group's transaction raises (it is then rolled back
 whole), each of its items is written again in a transaction of its own, and only the item that fails
 again gets the error.
@@ -33,10 +37,16 @@ class GroupCommit(Generic[Item, Result]):
     """Runs ``txn(conn, item)`` for each written item, the items that arrive together in one transaction."""
 
     def __init__(
-        self, store: Store, txn: Callable[[Connection, Item], Result], *, max_group: int = MAX_GROUP
+        self,
+        store: Store,
+        txn: Callable[[Connection, Item], Result],
+        *,
+        group_txn: Callable[[Connection, list[Item]], list[Result]] | None = None,
+        max_group: int = MAX_GROUP,
     ) -> None:
         self._store = store
         self._txn = txn
+        self._group_txn = group_txn
         self._max_group = max_group
         self._pending: list[tuple[Item, asyncio.Future[Result]]] = []
         self._writer: asyncio.Task[None] | None = None
@@ -53,8 +63,12 @@ class GroupCommit(Generic[Item, Result]):
         while self._pending:
             group = self._pending[: self._max_group]
             del self._pending[: self._max_group]
+            items = [item for item, _ in group]
             try:
-                results = await self._store.write(_all, self._txn, [item for item, _ in group])
+                if self._group_txn is not None:
+                    results = await self._store.write(self._group_txn, items)
+                else:
+                    results = await self._store.write(_all, self._txn, items)
             except Exception as exc:
                 if len(group) == 1:
                     _fail(group[0][1], exc)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 
 from skyport.agent.protocol import node_id_for
 from skyport.server.store.tables import jobs, nodes, partitions, remotes, tokens
@@ -74,19 +74,149 @@ def redeem_bootstrap_token(conn: Connection, secret: str, now: datetime) -> Enro
         .join(remotes, remotes.c.id == tokens.c.remote_id)
         .where(tokens.c.secret_hash == hash_secret(secret), tokens.c.kind == BOOTSTRAP)
     ).first()
-    if row is None:
-        return "the bootstrap token is not known to this core"
-    if row.revoked_at is not None:
-        return "the bootstrap token has been revoked"
-    if row.expires_at is not None and row.expires_at <= now:
-        return "the bootstrap token has expired: ask for a new one (`skyport node token`)"
+    refusal = _refusal(row, now)
+    if row is None or refusal is not None:
+        return refusal or _UNKNOWN
     claimed = conn.execute(
         update(tokens).where(tokens.c.id == row.id, tokens.c.used_at.is_(None)).values(used_at=now)
     )
     if claimed.rowcount != 1:
-        return "the bootstrap token has been used already: each token enrols one node once"
+        return _USED
     node_id = node_id_for(row.remote_id, row.node_name)
     return Enrolment(row.remote_id, row.remote_name, node_id, row.node_name, row.partition_id)
+
+
+def redeem_bootstrap_tokens(conn: Connection, secrets_: list[str], now: datetime) -> list[Enrolment | str]:
+    """:func:`redeem_bootstrap_token` for many tokens in a few statements (not a few per token): what
+    each grants, or why it is refused. A token named twice enrols once; the second use is refused."""
+    hashes = [hash_secret(secret) for secret in secrets_]
+    rows = {
+        row.secret_hash: row
+        for row in conn.execute(
+            select(tokens, remotes.c.name.label("remote_name"))
+            .join(remotes, remotes.c.id == tokens.c.remote_id)
+            .where(tokens.c.secret_hash.in_(set(hashes)), tokens.c.kind == BOOTSTRAP)
+        )
+    }
+    wanted = {row.id for row in rows.values() if _refusal(row, now) is None}
+    claimed: set[str] = set()
+    if wanted:
+        claimed = set(
+            conn.execute(
+                update(tokens)
+                .where(tokens.c.id.in_(wanted), tokens.c.used_at.is_(None))
+                .values(used_at=now)
+                .returning(tokens.c.id)
+            ).scalars()
+        )
+    results: list[Enrolment | str] = []
+    for secret_hash in hashes:
+        row = rows.get(secret_hash)
+        refusal = _refusal(row, now)
+        if refusal is not None or row is None:
+            results.append(refusal or _UNKNOWN)
+        elif row.id not in claimed:
+            results.append(_USED)
+        else:
+            claimed.discard(row.id)  # a second use of the same token in this group is refused
+            node_id = node_id_for(row.remote_id, row.node_name)
+            results.append(
+                Enrolment(row.remote_id, row.remote_name, node_id, row.node_name, row.partition_id)
+            )
+    return results
+
+
+_UNKNOWN = "the bootstrap token is not known to this core"
+_USED = "the bootstrap token has been used already: each token enrols one node once"
+
+
+def _refusal(row: Any, now: datetime) -> str | None:
+    """Why a bootstrap token's row (None: no such token) cannot enrol a node, before it is claimed."""
+    if row is None:
+        return _UNKNOWN
+    if row.revoked_at is not None:
+        return "the bootstrap token has been revoked"
+    if row.expires_at is not None and row.expires_at <= now:
+        return "the bootstrap token has expired: ask for a new one (`skyport node token`)"
+    return None
+
+
+def register_enrolled_nodes(
+    conn: Connection, enrolled: list[tuple[Enrolment, str, str]], now: datetime
+) -> None:
+    """Record freshly enrolled nodes, (enrolment, host, ip) each, in a few statements: ``down`` with an
+    unknown capacity until their agents say hello (as :func:`register_node` then
+    :func:`set_nodes_power` would, per node)."""
+    if not enrolled:
+        return
+    values: dict[str, Any] = {
+        "state_power": "down",
+        "cpus": 1,
+        "mem": 0,
+        "gpus": 0,
+        "labels": {},
+        "updated_at": now,
+    }
+    ids = [enrolment.node_id for enrolment, _, _ in enrolled]
+    existing = set(conn.execute(select(nodes.c.id).where(nodes.c.id.in_(ids))).scalars())
+    statics: dict[str, str | None] = {}
+    new_rows, known_rows = [], []
+    for enrolment, host, ip in enrolled:
+        if enrolment.node_id in existing:
+            known_rows.append({"b_id": enrolment.node_id, "host": host, "ip": ip, **values})
+            continue
+        partition_id = enrolment.partition_id
+        if partition_id is None:
+            if enrolment.remote_id not in statics:
+                static = conn.execute(
+                    select(partitions.c.id).where(
+                        partitions.c.remote_id == enrolment.remote_id, partitions.c.static
+                    )
+                ).first()
+                statics[enrolment.remote_id] = static.id if static else None
+            partition_id = statics[enrolment.remote_id]
+        new_rows.append(
+            {
+                "id": enrolment.node_id,
+                "remote_id": enrolment.remote_id,
+                "partition_id": partition_id,
+                "name": enrolment.node_name,
+                "state_alloc": "idle",
+                "host": host,
+                "ip": ip,
+                **values,
+            }
+        )
+    if new_rows:
+        conn.execute(insert(nodes), new_rows)
+    if known_rows:
+        conn.execute(update(nodes).where(nodes.c.id == bindparam("b_id")), known_rows)
+
+
+def refresh_nodes(conn: Connection, hellos: list[tuple[str, dict[str, Any]]]) -> list[bool]:
+    """Record connected agents' nodes, (node id, the keyword arguments of :func:`register_node` but the
+    enrolment) each, as up with the capacity they describe, in a few statements; per node, whether it
+    is known (an unknown node must enrol again)."""
+    ids = [node_id for node_id, _ in hellos]
+    known = set(conn.execute(select(nodes.c.id).where(nodes.c.id.in_(ids))).scalars())
+    updates = [
+        {
+            "b_id": node_id,
+            "host": values["host"],
+            "ip": values["ip"],
+            "state_power": "up",
+            "cpus": values["cpus"],
+            "mem": values["mem"],
+            "gpus": values["gpus"],
+            "labels": values["labels"],
+            "updated_at": values["now"],
+        }
+        for node_id, values in hellos
+        if node_id in known
+    ]
+    if updates:
+        conn.execute(update(nodes).where(nodes.c.id == bindparam("b_id")), updates)
+    return [node_id in known for node_id, _ in hellos]
 
 
 def register_node(
