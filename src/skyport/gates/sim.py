@@ -1102,7 +1102,7 @@ class SimGate:
     async def _reserved_pool(self, instance: Instance) -> tuple[Path, _Proc]:
         """The pool reserved for the VM when it was created, if that pool still runs; else one with room."""
         entry = (self._pool_cache or {}).get(Path(instance.pool)) if instance.pool else None
-        if entry is not None and _start_time(entry[0].pid) == entry[0].start:
+        if entry is not None and self._pool_alive(entry[0]):
             return Path(instance.pool), entry[0]
         if entry is not None:
             self._leave_pool(Path(instance.pool))
@@ -1127,7 +1127,7 @@ class SimGate:
                 proc, members = entry
                 if members >= self.config.agents_per_process:
                     continue
-                if _start_time(proc.pid) != proc.start:  # it exited (idle) or died
+                if not self._pool_alive(proc):  # it exited (idle) or died
                     del self._pool_cache[directory]
                     continue
                 entry[1] = members + 1
@@ -1150,6 +1150,14 @@ class SimGate:
                 raise ProvisionerError("InternalError: the sim could not start an agent pool", transient=True)
             self._pool_cache[directory] = [started, 1]
             return directory, started
+
+    def _pool_alive(self, proc: _Proc) -> bool:
+        """Whether an agent pool still runs: asked of the child process when this sim started it (no
+        /proc read: hundreds of VMs boot into their pools at once, on the core's event loop)."""
+        child = self._children.get(proc.pid)
+        if child is not None:
+            return child.poll() is None
+        return _start_time(proc.pid) == proc.start
 
     def _leave_pool(self, pool: Path) -> None:
         """A node of the pool is gone (or never joined): room for another."""
