@@ -487,9 +487,15 @@ class Agent:
     # -- streaming to the core ---------------------------------------------------------------------
 
     async def _pump_logs(self) -> None:
+        """Send what the jobs wrote since the last look, every LOG_POLL_S. A job's files are read (in a
+        thread) only when they grew: their sizes are looked at here, a ``stat`` of a file on the node's
+        own disk each. Reading each stream of each job in a thread hop of its own, four times a second,
+        cost an agent pool of fifty idle jobs 400 thread hops a second (the ten pools of a 500-VM burst
+        ~0.6 of a CPU once the jobs ran, docs/performance.md, issue 5)."""
         while True:
             for job in list(self._jobs.values()):
-                if job.handle is not None and not job.acked:
+                handle = job.handle
+                if handle is not None and not job.acked and _grown(handle, job.sent):
                     await self._send_logs(job)
             await asyncio.sleep(LOG_POLL_S)
 
@@ -533,6 +539,17 @@ class Agent:
 
     def close(self) -> None:
         self._gate.close()
+
+
+def _grown(handle: dict[str, Any], sent: dict[str, int]) -> bool:
+    """Whether the job's stdout or stderr is longer than what was sent of it (a missing file is not)."""
+    for stream in ("stdout", "stderr"):
+        try:
+            if os.stat(handle[stream]).st_size > sent[stream]:
+                return True
+        except FileNotFoundError:
+            continue
+    return False
 
 
 def _read(path: Path, offset: int, limit: int) -> bytes:
