@@ -65,6 +65,9 @@ POLL_INTERVAL_S = 1.0
 #: How often a booted partition waiting for its agents is checked with its provider (at most: a remote's
 #: shorter ``check_interval_s`` wins). Its placement does not wait for this: it follows its nodes' hellos.
 BOOT_CHECK_INTERVAL_S = 5.0
+#: Seconds between the start of a pass's wait and the next pass, at least (rings that come meanwhile
+#: are kept: they start the next pass then).
+MIN_PASS_GAP_S = 0.2
 #: A provider call that does not answer in this long counts as a transient failure.
 CALL_TIMEOUT_S = 60.0
 
@@ -116,7 +119,14 @@ class ProvisioningLoop:
     # -- the loop ------------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        await run_passes(self.pass_once, lambda: self.wakeup.wait(self._interval), "provisioning")
+        await run_passes(self.pass_once, self._next_pass, "provisioning")
+
+    async def _next_pass(self) -> None:
+        """Wait for a ring or the timer, but never start a pass sooner than MIN_PASS_GAP_S after the last:
+        every agent's hello rings this loop, and while hundreds connect a pass followed each pass at
+        once, each reading every partition with its job."""
+        await asyncio.sleep(MIN_PASS_GAP_S)
+        await self.wakeup.wait(max(0.0, self._interval - MIN_PASS_GAP_S))
 
     async def pass_once(self) -> None:
         if not self._provisioners:
