@@ -511,8 +511,8 @@ class SchedulerLoop:
         page, deeper_queue = self._page, len(snapshot.jobs) >= self._page
         if page > FIRST_PAGE and page >= self._depth:  # this was a deep look
             self._deep_fruitless = not decided.placements
-        if not decided.waits and deeper_queue and _capacity_left(snapshot, decided):
-            # the whole page went and CPUs are still free: more may fit, look again at once
+        if not decided.waits and deeper_queue and (decided.provisions or _capacity_left(snapshot, decided)):
+            # the whole page went, to partitions being made or while CPUs are still free: more may go
             self._page = min(page * 4, MAX_PAGE)
             self.wakeup.ring()
         elif (
