@@ -606,7 +606,13 @@ class SlurmGate:
                 log.warning("slurm status query failed", remote=self._settings.name, error=str(exc))
                 continue
             index = {key: r for r in records for key in r.keys}
-            await asyncio.gather(*(self._observe(w, index.get(str(w.handle["slurm_id"]))) for w in watches))
+            found = [(w, index.get(str(w.handle["slurm_id"]))) for w in watches]
+            # A job Slurm canceled because a job it depends on failed is reported after the others of
+            # this pass, so that its user never sees it ended while the job that ended it still runs.
+            for after_dependency in (False, True):
+                await asyncio.gather(
+                    *(self._observe(w, r) for w, r in found if _ended_by_dependency(r) is after_dependency)
+                )
 
     async def _observe(self, w: _Watch, record: SlurmJob | None) -> None:
         exit: Exit | None = None
@@ -663,7 +669,7 @@ class SlurmGate:
             signum, code = status & 0x7F, (status >> 8) & 0xFF
             done = ExitStatus.killed(signum) if signum else ExitStatus.from_shell_status(code)
             return Exit(done.exit_code, done.signal, done.reason, done.message)
-        if state == "CANCELLED" and reason == "DependencyNeverSatisfied":
+        if _ended_by_dependency(record):
             return Exit(None, None, "lost", "Slurm canceled it: a job it depends on did not complete")
         if state == "CANCELLED":
             return Exit(None, 15, "signal", f"canceled in Slurm ({reason})")
@@ -825,6 +831,10 @@ def _write_markers(pack: list[_Task]) -> None:
         task.job.attempt_dir.mkdir(parents=True, exist_ok=True)
         marker = {"pack": task.pack, "index": task.index, "login": task.login}
         (task.job.attempt_dir / "slurm-pack.json").write_text(json.dumps(marker))
+
+
+def _ended_by_dependency(record: SlurmJob | None) -> bool:
+    return record is not None and record.state == "CANCELLED" and record.reason == "DependencyNeverSatisfied"
 
 
 def _forgotten(handle: Handle) -> Exit:
