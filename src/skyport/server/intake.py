@@ -1,8 +1,8 @@
 """Job intake: validate a submission against the store, keep its files, and commit it durably.
 
-Concurrent submissions share one transaction (group commit): the first to arrive writes everything
-that is waiting while the others wait for that commit. Nothing is acknowledged before it is committed,
-and a submission that fails validation leaves nothing behind (no row, no spool files).
+Submissions that arrive together share one transaction (group commit, :mod:`skyport.server.store.batch`);
+one that cannot be written fails alone. Nothing is acknowledged before it is committed, and a submission
+that fails validation leaves nothing behind (no row, no spool files).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from skyport.server.staging import StagingError, check_spec
 from skyport.server.store import infra as infra_store
 from skyport.server.store import jobs as job_store
 from skyport.server.store import users as user_store
+from skyport.server.store.batch import GroupCommit
 from skyport.server.store.engine import Store
 
 
@@ -57,37 +58,14 @@ def safe_relative_name(name: str) -> str:
     return str(path)
 
 
-class _GroupCommit:
-    def __init__(self, store: Store) -> None:
-        self._store = store
-        self._pending: list[tuple[list[job_store.NewJob], asyncio.Future[None]]] = []
-        self._flushing = False
+def _insert_submissions(conn: Connection, submissions: list[list[job_store.NewJob]]) -> list[None]:
+    """A group of submissions (each a job, or all tasks of an array job) in one transaction."""
+    job_store.insert_jobs(conn, [job for submission in submissions for job in submission])
+    return [None] * len(submissions)
 
-    async def add(self, submission: list[job_store.NewJob]) -> None:
-        """Commit one submission (a job, or all tasks of an array job) with whatever else is waiting."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((submission, fut))
-        if not self._flushing:
-            self._flushing = True
-            try:
-                while self._pending:
-                    batch, self._pending = self._pending, []
-                    await self._write(batch)
-            finally:
-                self._flushing = False
-        await fut
 
-    async def _write(self, batch: list[tuple[list[job_store.NewJob], asyncio.Future[None]]]) -> None:
-        try:
-            await self._store.write(job_store.insert_jobs, [j for jobs, _ in batch for j in jobs])
-        except Exception as exc:  # every waiter learns the commit failed
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(exc)
-            return
-        for _, fut in batch:
-            if not fut.done():
-                fut.set_result(None)
+def _insert_submission(conn: Connection, submission: list[job_store.NewJob]) -> None:
+    job_store.insert_jobs(conn, submission)
 
 
 class Intake:
@@ -107,7 +85,9 @@ class Intake:
         self._metrics = metrics
         self._settings = settings
         self._on_submit = on_submit
-        self._commit = _GroupCommit(store)
+        self._commit: GroupCommit[list[job_store.NewJob], None] = GroupCommit(
+            store, _insert_submission, group_txn=_insert_submissions
+        )
         self._ids = IdSource()
         # Names resolve rarely change; look them up once per name, not per submission.
         self._accounts: dict[str, str] = {}
@@ -171,7 +151,7 @@ class Intake:
                 )
                 for i, index in enumerate(parse_array(spec.array).indices if spec.array else [None])
             ]
-            await self._commit.add(tasks)
+            await self._commit.write(tasks)
         except BaseException:
             await asyncio.to_thread(self._spool.remove, keep_under)
             raise

@@ -1,15 +1,15 @@
 """Group commit: writes of one kind that arrive together share one transaction.
 
 When a burst of VMs boots, hundreds of agents enrol and say hello within seconds of each other. Each of
-those writes runs a few statements, but as a transaction of its own it also pays a hop to the store's
-writer thread, ``BEGIN IMMEDIATE`` and a commit (on SQLite a WAL append), and waits in the writer's queue
-behind all the others. A :class:`GroupCommit` writes every item that arrived while the previous group was
-being written in one transaction, so those costs are paid once per group, not once per agent; a lone
-item is written at once, as before.
+those writes runs a few statements, but as a transaction of its own it also pays ``BEGIN IMMEDIATE`` and
+a commit (on SQLite a WAL append), and waits behind all the others for SQLite's one writer. A
+:class:`GroupCommit` writes every item that arrived while the previous group was being written (or in
+the same turn of the event loop) in one transaction, so those costs are paid once per group, not once
+per agent; a lone item is written at once, as before.
 
 A group is written by ``group_txn(conn, items)`` when one is given — the same writes as ``txn`` for each
-item, but a few statements for the whole group instead of a few per item (each statement costs the
-writer thread its Python and the event loop the GIL) — else by ``txn`` for each item in turn.
+item, but a few statements for the whole group instead of a few per item (each statement costs its
+Python on the event loop) — else by ``txn`` for each item in turn.
 
 One item's failure must not fail the others: when a group's transaction raises (it is then rolled back
 whole), each of its items is written again in a transaction of its own, and only the item that fails

@@ -3,11 +3,16 @@
 A transaction is a plain function ``fn(conn, *args) -> T`` over a synchronous SQLAlchemy
 :class:`~sqlalchemy.Connection`, run whole by :meth:`Store.read` or :meth:`Store.write`:
 
-- SQLite: in a thread, so the event loop never blocks on the file, and in ONE hop per transaction (a
-  driver that hops to a thread per statement makes every statement wait for the busy event loop). All
-  writes go through one dedicated thread and start with ``BEGIN IMMEDIATE``: SQLite has one writer and no
-  ``SKIP LOCKED``, and two deferred transactions that read then write can both see the same queued jobs
-  (see FIELD-NOTES). Reads use a small pool of their own threads (WAL lets them run beside the writer).
+- SQLite: on the event loop, whole. SQLite is a library in this process; a transaction of the core (a
+  group of submissions, a scheduling pass's snapshot or placements, a batch of job ends) takes tens of
+  microseconds to a few milliseconds of CPU, most of it Python that holds the GIL anyway. Handing each to
+  a thread and back cost more than that: two wake-ups across CPUs per transaction (on a virtual machine
+  each costs tens of microseconds, and the handed-over work waits for the GIL on top), and the trivial
+  jobs' end-to-end rate rose by a quarter without them (docs/performance.md, issue 2). What could block
+  the loop for long is kept off it: commits do not checkpoint the WAL (``wal_autocheckpoint=0``); a
+  checkpointer does it in a thread, beside the loop (:meth:`Store._checkpoint_forever`). Writes start with
+  ``BEGIN IMMEDIATE``: SQLite has one writer and no ``SKIP LOCKED``, and two deferred transactions that
+  read then write can both see the same queued jobs (see FIELD-NOTES).
 - PostgreSQL: the same function, on asyncpg through SQLAlchemy's ``run_sync``; row locks do the rest.
 """
 
@@ -15,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -26,14 +30,16 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import QueuePool
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-READ_THREADS = 4
+#: How often the checkpointer copies the WAL's committed pages into the database file, when there were
+#: writes (SQLite's own automatic checkpoint would run inside a commit, on the event loop, fsync included).
+CHECKPOINT_INTERVAL_S = 1.0
 
 P = ParamSpec("P")
 T = TypeVar("T")
 Txn = Callable[Concatenate[Connection, P], T]
 
 
-def _sqlite_engine(url: str, *, begin: str, pool_size: int) -> Engine:
+def _sqlite_engine(url: str, *, begin: str, pool_size: int = 1) -> Engine:
     engine = create_engine(
         url.replace("+aiosqlite", ""),
         poolclass=QueuePool,
@@ -54,6 +60,7 @@ def _sqlite_engine(url: str, *, begin: str, pool_size: int) -> Engine:
         cursor.execute("PRAGMA synchronous=NORMAL")  # durable against a crash of the core, fast
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer's job, off the event loop
         cursor.close()
 
     @event.listens_for(engine, "begin")
@@ -75,11 +82,13 @@ class Store:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         self._async: AsyncEngine | None = None
+        self._checkpointer: asyncio.Task[None] | None = None
+        self._written = False  # since the last checkpoint
         if self.is_sqlite:
-            self._writer = _sqlite_engine(url, begin="BEGIN IMMEDIATE", pool_size=1)
-            self._reader = _sqlite_engine(url, begin="BEGIN", pool_size=READ_THREADS)
-            self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="store-write")
-            self._read_threads = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="store-read")
+            # One connection each: transactions run one after the other on the event loop.
+            self._writer = _sqlite_engine(url, begin="BEGIN IMMEDIATE")
+            self._reader = _sqlite_engine(url, begin="BEGIN")
+            self._checkpoints = _sqlite_engine(url, begin="BEGIN")
         else:
             self._async = create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
 
@@ -94,18 +103,37 @@ class Store:
     async def read(self, fn: Txn[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Run ``fn(conn, ...)`` in a read transaction (a consistent snapshot)."""
         if self.is_sqlite:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._read_threads, _run, self._reader, fn, args, kwargs)
+            return _run(self._reader, fn, args, kwargs)
         async with self._engine_async().connect() as conn, conn.begin():
             return await conn.run_sync(_bind(fn, args, kwargs))
 
     async def write(self, fn: Txn[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Run ``fn(conn, ...)`` in a write transaction: committed if it returns, rolled back if it raises."""
         if self.is_sqlite:
+            self._written = True
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._write_thread, _run, self._writer, fn, args, kwargs)
+            if self._checkpointer is None or self._checkpointer.get_loop() is not loop:
+                self._checkpointer = loop.create_task(self._checkpoint_forever(), name="store-checkpoint")
+            return _run(self._writer, fn, args, kwargs)
         async with self._engine_async().begin() as conn:
             return await conn.run_sync(_bind(fn, args, kwargs))
+
+    async def _checkpoint_forever(self) -> None:
+        """Copy the WAL into the database file now and then, in a thread (it reads, writes and syncs the
+        file: milliseconds the event loop must not wait for). PASSIVE: it never waits for a reader or the
+        writer, and what it cannot copy yet, the next one does."""
+        while True:
+            await asyncio.sleep(CHECKPOINT_INTERVAL_S)
+            if self._written:
+                self._written = False
+                await asyncio.to_thread(self._checkpoint)
+
+    def _checkpoint(self) -> None:
+        connection = self._checkpoints.raw_connection()  # no BEGIN: a checkpoint runs outside one
+        try:
+            connection.cursor().execute("PRAGMA wal_checkpoint(PASSIVE)").close()
+        finally:
+            connection.close()
 
     async def migrate(self) -> None:
         """Bring the schema to the newest alembic revision (idempotent; safe at every start)."""
@@ -113,10 +141,14 @@ class Store:
 
     async def close(self) -> None:
         if self.is_sqlite:
-            self._write_thread.shutdown(wait=True)
-            self._read_threads.shutdown(wait=True)
+            checkpointer, self._checkpointer = self._checkpointer, None
+            if checkpointer is not None and checkpointer.get_loop() is asyncio.get_running_loop():
+                checkpointer.cancel()
+                await asyncio.gather(checkpointer, return_exceptions=True)
+            await asyncio.to_thread(self._checkpoint)
             self._writer.dispose()
             self._reader.dispose()
+            self._checkpoints.dispose()
         else:
             await self._engine_async().dispose()
 
