@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
+from skyport.server.store.engine import Store
 from tests.support.core import CoreProcess
 from tests.support.postgres import PostgresServer
 
@@ -51,3 +52,14 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite+aiosqlite:///{tmp_path / 'store.db'}"
     server: PostgresServer = request.getfixturevalue("postgres")
     return server.create_database()
+
+
+@pytest.fixture
+async def store(store_url: str) -> AsyncIterator[Store]:
+    """A migrated store on each backend (see ``store_url``), closed afterwards."""
+    s = Store(store_url)
+    await s.migrate()
+    try:
+        yield s
+    finally:
+        await s.close()

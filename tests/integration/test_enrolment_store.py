@@ -4,10 +4,8 @@ backends: each token still enrols one node once, and each job is placed once."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
-import pytest
 from sqlalchemy import Connection, select, update
 
 from skyport.models import JobSpec, JobState
@@ -22,16 +20,6 @@ from skyport.server.store.tables import events, nodes, tokens
 
 NOW = datetime(2026, 12, 6, 23, 0, tzinfo=UTC)
 HOUR = timedelta(hours=1)
-
-
-@pytest.fixture
-async def store(store_url: str) -> AsyncIterator[Store]:
-    s = Store(store_url)
-    await s.migrate()
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 def _remote(conn: Connection) -> str:
