@@ -64,10 +64,6 @@ def _insert_submissions(conn: Connection, submissions: list[list[job_store.NewJo
     return [None] * len(submissions)
 
 
-def _insert_submission(conn: Connection, submission: list[job_store.NewJob]) -> None:
-    job_store.insert_jobs(conn, submission)
-
-
 class Intake:
     def __init__(
         self,
@@ -86,7 +82,7 @@ class Intake:
         self._settings = settings
         self._on_submit = on_submit
         self._commit: GroupCommit[list[job_store.NewJob], None] = GroupCommit(
-            store, _insert_submission, group_txn=_insert_submissions
+            store, group_txn=_insert_submissions
         )
         self._ids = IdSource()
         # Names resolve rarely change; look them up once per name, not per submission.

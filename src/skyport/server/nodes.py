@@ -69,8 +69,8 @@ class NodeEnrolment:
         self._ca: CertificateAuthority | None = None
         # A burst of booting VMs enrols and says hello together: one transaction for those that arrive
         # together (see skyport.server.store.batch).
-        self._enrolments = GroupCommit(store, _redeem_and_register, group_txn=_redeem_and_register_all)
-        self._hellos = GroupCommit(store, _refresh, group_txn=_refresh_all)
+        self._enrolments = GroupCommit(store, group_txn=_redeem_and_register)
+        self._hellos = GroupCommit(store, group_txn=_refresh)
 
     def _authority(self) -> CertificateAuthority:
         if self._ca is None:
@@ -160,7 +160,7 @@ def _create_token(conn: Connection, remote_id: str, node_name: str, ttl: timedel
 
 @dataclass(frozen=True)
 class _Hello:
-    """A connected agent's description of its node (the keyword arguments of ``register_node``)."""
+    """A connected agent's description of its node (host, ip, cpus, mem, gpus, labels, now)."""
 
     node_id: str
     values: dict[str, Any]
@@ -176,21 +176,15 @@ class _Arrival:
     now: datetime
 
 
-def _refresh(conn: Connection, hello: _Hello) -> bool:
-    """Record a known node's capacity as its agent describes it; False if the node is not known."""
-    granted = enrol_store.node_enrolment(conn, hello.node_id)
-    if granted is not None:
-        enrol_store.register_node(conn, granted, **hello.values)
-    return granted is not None
-
-
-def _refresh_all(conn: Connection, hellos: list[_Hello]) -> list[bool]:
-    """:func:`_refresh` for a group of hellos, in a few statements."""
+def _refresh(conn: Connection, hellos: list[_Hello]) -> list[bool]:
+    """Record known nodes' capacities as their agents describe them, in a few statements; per hello,
+    False if its node is not known."""
     return enrol_store.refresh_nodes(conn, [(hello.node_id, hello.values) for hello in hellos])
 
 
-def _redeem_and_register_all(conn: Connection, arrivals: list[_Arrival]) -> list[enrol_store.Enrolment | str]:
-    """:func:`_redeem_and_register` for a group of enrolments, in a few statements."""
+def _redeem_and_register(conn: Connection, arrivals: list[_Arrival]) -> list[enrol_store.Enrolment | str]:
+    """Use the tokens up and record their nodes (down until their agents say hello), in a few
+    statements; per arrival, the enrolment granted or why it is refused."""
     now = max(arrival.now for arrival in arrivals)  # the group's tokens are used when the last arrived
     granted = enrol_store.redeem_bootstrap_tokens(conn, [arrival.token for arrival in arrivals], now)
     enrolled = [
@@ -200,30 +194,6 @@ def _redeem_and_register_all(conn: Connection, arrivals: list[_Arrival]) -> list
     ]
     enrol_store.register_enrolled_nodes(conn, enrolled, now)
     return granted
-
-
-def _redeem_and_register(conn: Connection, arrival: _Arrival) -> enrol_store.Enrolment | str:
-    """Use the token up and record the node, in one transaction."""
-    granted = enrol_store.redeem_bootstrap_token(conn, arrival.token, arrival.now)
-    if not isinstance(granted, str):
-        _register(conn, granted, arrival.host, arrival.ip, arrival.now)
-    return granted
-
-
-def _register(conn: Connection, granted: enrol_store.Enrolment, host: str, ip: str, now: datetime) -> None:
-    # Capacity is unknown until the agent says hello; the node stays down until then.
-    enrol_store.register_node(
-        conn,
-        granted,
-        host=host,
-        ip=ip,
-        cpus=1,
-        mem=0,
-        gpus=0,
-        labels={},
-        now=now,
-    )
-    enrol_store.set_nodes_power(conn, [granted.node_id], "down", now)
 
 
 class NodeLoop:

@@ -9,7 +9,7 @@ per agent; a lone item is written at once, as before.
 
 A group is written by ``group_txn(conn, items)`` when one is given — the same writes as ``txn`` for each
 item, but a few statements for the whole group instead of a few per item (each statement costs its
-Python on the event loop) — else by ``txn`` for each item in turn.
+Python on the event loop) — else by ``txn`` for each item in turn. Either may be the only one given.
 
 One item's failure must not fail the others: when a group's transaction raises (it is then rolled back
 whole), each of its items is written again in a transaction of its own, and only the item that fails
@@ -34,16 +34,19 @@ MAX_GROUP = 200
 
 
 class GroupCommit(Generic[Item, Result]):
-    """Runs ``txn(conn, item)`` for each written item, the items that arrive together in one transaction."""
+    """Runs ``txn(conn, item)`` for each written item (or ``group_txn(conn, items)`` for them all), the
+    items that arrive together in one transaction. Give one of the two, or both."""
 
     def __init__(
         self,
         store: Store,
-        txn: Callable[[Connection, Item], Result],
+        txn: Callable[[Connection, Item], Result] | None = None,
         *,
         group_txn: Callable[[Connection, list[Item]], list[Result]] | None = None,
         max_group: int = MAX_GROUP,
     ) -> None:
+        if txn is None and group_txn is None:
+            raise TypeError("GroupCommit needs txn, group_txn or both")
         self._store = store
         self._txn = txn
         self._group_txn = group_txn
@@ -68,6 +71,7 @@ class GroupCommit(Generic[Item, Result]):
                 if self._group_txn is not None:
                     results = await self._store.write(self._group_txn, items)
                 else:
+                    assert self._txn is not None
                     results = await self._store.write(_all, self._txn, items)
             except Exception as exc:
                 if len(group) == 1:
@@ -81,7 +85,11 @@ class GroupCommit(Generic[Item, Result]):
     async def _one_by_one(self, group: list[tuple[Item, asyncio.Future[Result]]]) -> None:
         for item, done in group:
             try:
-                result = await self._store.write(self._txn, item)
+                if self._txn is not None:
+                    result = await self._store.write(self._txn, item)
+                else:
+                    assert self._group_txn is not None
+                    result = (await self._store.write(self._group_txn, [item]))[0]
             except Exception as exc:
                 _fail(done, exc)
             else:

@@ -39,11 +39,11 @@ T = TypeVar("T")
 Txn = Callable[Concatenate[Connection, P], T]
 
 
-def _sqlite_engine(url: str, *, begin: str, pool_size: int = 1) -> Engine:
+def _sqlite_engine(url: str, *, begin: str) -> Engine:
     engine = create_engine(
         url.replace("+aiosqlite", ""),
         poolclass=QueuePool,
-        pool_size=pool_size,
+        pool_size=1,  # transactions run one after the other, on the event loop
         max_overflow=0,
         # Every use ends in COMMIT or ROLLBACK (see _run), so the pool's extra rollback on return is waste.
         pool_reset_on_return=None,
@@ -85,7 +85,6 @@ class Store:
         self._checkpointer: asyncio.Task[None] | None = None
         self._written = False  # since the last checkpoint
         if self.is_sqlite:
-            # One connection each: transactions run one after the other on the event loop.
             self._writer = _sqlite_engine(url, begin="BEGIN IMMEDIATE")
             self._reader = _sqlite_engine(url, begin="BEGIN")
             self._checkpoints = _sqlite_engine(url, begin="BEGIN")

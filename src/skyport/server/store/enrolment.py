@@ -69,26 +69,12 @@ def create_bootstrap_token(
 
 def redeem_bootstrap_token(conn: Connection, secret: str, now: datetime) -> Enrolment | str:
     """Use a token up (atomically); the enrolment it grants, or why it is refused."""
-    row = conn.execute(
-        select(tokens, remotes.c.name.label("remote_name"))
-        .join(remotes, remotes.c.id == tokens.c.remote_id)
-        .where(tokens.c.secret_hash == hash_secret(secret), tokens.c.kind == BOOTSTRAP)
-    ).first()
-    refusal = _refusal(row, now)
-    if row is None or refusal is not None:
-        return refusal or _UNKNOWN
-    claimed = conn.execute(
-        update(tokens).where(tokens.c.id == row.id, tokens.c.used_at.is_(None)).values(used_at=now)
-    )
-    if claimed.rowcount != 1:
-        return _USED
-    node_id = node_id_for(row.remote_id, row.node_name)
-    return Enrolment(row.remote_id, row.remote_name, node_id, row.node_name, row.partition_id)
+    return redeem_bootstrap_tokens(conn, [secret], now)[0]
 
 
 def redeem_bootstrap_tokens(conn: Connection, secrets_: list[str], now: datetime) -> list[Enrolment | str]:
-    """:func:`redeem_bootstrap_token` for many tokens in a few statements (not a few per token): what
-    each grants, or why it is refused. A token named twice enrols once; the second use is refused."""
+    """Use tokens up (atomically), in a few statements (not a few per token): what each grants, or why
+    it is refused. A token named twice enrols once; the second use is refused."""
     hashes = [hash_secret(secret) for secret in secrets_]
     rows = {
         row.secret_hash: row
@@ -145,8 +131,7 @@ def register_enrolled_nodes(
     conn: Connection, enrolled: list[tuple[Enrolment, str, str]], now: datetime
 ) -> None:
     """Record freshly enrolled nodes, (enrolment, host, ip) each, in a few statements: ``down`` with an
-    unknown capacity until their agents say hello (as :func:`register_node` then
-    :func:`set_nodes_power` would, per node)."""
+    unknown capacity until their agents say hello."""
     if not enrolled:
         return
     values: dict[str, Any] = {
@@ -194,9 +179,9 @@ def register_enrolled_nodes(
 
 
 def refresh_nodes(conn: Connection, hellos: list[tuple[str, dict[str, Any]]]) -> list[bool]:
-    """Record connected agents' nodes, (node id, the keyword arguments of :func:`register_node` but the
-    enrolment) each, as up with the capacity they describe, in a few statements; per node, whether it
-    is known (an unknown node must enrol again)."""
+    """Record connected agents' nodes, (node id, {host, ip, cpus, mem, gpus, labels, now}) each, as up
+    with the capacity they describe, in a few statements; per node, whether it is known (an unknown
+    node must enrol again)."""
     ids = [node_id for node_id, _ in hellos]
     known = set(conn.execute(select(nodes.c.id).where(nodes.c.id.in_(ids))).scalars())
     updates = [
@@ -217,52 +202,6 @@ def refresh_nodes(conn: Connection, hellos: list[tuple[str, dict[str, Any]]]) ->
     if updates:
         conn.execute(update(nodes).where(nodes.c.id == bindparam("b_id")), updates)
     return [node_id in known for node_id, _ in hellos]
-
-
-def register_node(
-    conn: Connection,
-    enrolment: Enrolment,
-    *,
-    host: str,
-    ip: str,
-    cpus: int,
-    mem: int,
-    gpus: int,
-    labels: dict[str, str],
-    now: datetime,
-) -> None:
-    """Create or refresh the node row of an enrolled or (re)connected agent; it is up."""
-    values: dict[str, Any] = {
-        "host": host,
-        "ip": ip,
-        "state_power": "up",
-        "cpus": cpus,
-        "mem": mem,
-        "gpus": gpus,
-        "labels": labels,
-        "updated_at": now,
-    }
-    existing = conn.execute(select(nodes.c.id).where(nodes.c.id == enrolment.node_id)).first()
-    if existing is not None:
-        conn.execute(update(nodes).where(nodes.c.id == enrolment.node_id).values(**values))
-        return
-    partition_id = enrolment.partition_id
-    if partition_id is None:
-        static = conn.execute(
-            select(partitions.c.id).where(partitions.c.remote_id == enrolment.remote_id, partitions.c.static)
-        ).first()
-        partition_id = static.id if static else None
-    conn.execute(
-        insert(nodes),
-        {
-            "id": enrolment.node_id,
-            "remote_id": enrolment.remote_id,
-            "partition_id": partition_id,
-            "name": enrolment.node_name,
-            "state_alloc": "idle",
-            **values,
-        },
-    )
 
 
 def node_enrolment(conn: Connection, node_id: str) -> Enrolment | None:
