@@ -151,8 +151,14 @@ class ExecutionLoop:
 
     async def _rows(self, states: frozenset[JobState], *, flagged_only: bool = False) -> list[Any]:
         if not flagged_only:  # to launch: not yet handed to a gate, and placed (or to be ended)
-            return await self._store.read(job_store.rows_to_launch, states, limit=LAUNCH_BATCH)
+            return await self._store.read(
+                job_store.rows_to_launch, states, limit=LAUNCH_BATCH, skip=self._in_hand
+            )
         return await self._store.read(job_store.rows_with_owner, states, flagged_only=True)
+
+    def _in_hand(self, job_id: str) -> bool:
+        """Being launched or staged now, or launched already: not to be read for launching again."""
+        return job_id in self._busy or job_id in self._tracked
 
     def _job_launch(self, row: Any) -> JobLaunch:
         spec = JobSpec.model_validate(row.spec)
@@ -191,9 +197,7 @@ class ExecutionLoop:
     # -- launching -----------------------------------------------------------------------------------
 
     async def _launch_placed(self) -> None:
-        rows = [
-            r for r in await self._rows(LAUNCHABLE) if r.id not in self._tracked and r.id not in self._busy
-        ]
+        rows = [r for r in await self._rows(LAUNCHABLE) if not self._in_hand(r.id)]  # in hand: since read
         if not rows:
             return
         started: list[_Tracked] = []
@@ -221,21 +225,9 @@ class ExecutionLoop:
                 self._spawn(self._launch_in_background(row, launch))
                 continue
             direct.append((row, launch))
-        # Launched together: a gate may start several at once (the local gate's launch threads).
-        results = await asyncio.gather(
-            *(self._gate(row).launch(launch) for row, launch in direct), return_exceptions=True
-        )
-        unexpected: BaseException | None = None
-        for (row, launch), result in zip(direct, results, strict=True):
-            if isinstance(result, GateError):
-                failures.append(self._launch_failed(row, str(result), now))
-            elif isinstance(result, BaseException):
-                unexpected = unexpected or result
-            else:
-                started.append(self._track(row, launch, result))
-        if unexpected is not None:  # record what did start before the pass fails
-            await self._record_started(started, failures)
-            raise unexpected
+        if direct:  # handed over without waiting: see _launch_batch
+            self._busy.update(row.id for row, _ in direct)
+            self._spawn(self._launch_batch(direct, now))
         for remote_id, batch in forwarded.items():
             gate = self_scheduling(self._gates[remote_id])
             assert gate is not None
@@ -246,6 +238,40 @@ class ExecutionLoop:
                 else:
                     started.append(self._track(row, launch, submission.handle, submitted=submission.message))
         await self._record_started(started, failures)
+
+    async def _launch_batch(self, direct: list[tuple[Any, JobLaunch]], now: datetime) -> None:
+        """Start a pass's jobs together (a gate may start several at once) and record them, off the pass.
+
+        A pipeline, not stop-and-wait: while the gate starts this batch (the local launcher forks one
+        job after another, tens of milliseconds for a few dozen), the loop's next passes hand it the
+        jobs placed meanwhile and record the ones that ended. Waiting inside the pass left the placed
+        jobs' CPUs idle for that long, and the core idle while the launcher worked. The rows stay
+        ``_busy`` until their start or failure is written, so no pass launches them twice.
+        """
+        retry = False
+        try:
+            results = await asyncio.gather(
+                *(self._gate(row).launch(launch) for row, launch in direct), return_exceptions=True
+            )
+            started: list[_Tracked] = []
+            failures: list[job_store.StateChange] = []
+            for (row, launch), result in zip(direct, results, strict=True):
+                if isinstance(result, GateError):
+                    failures.append(self._launch_failed(row, str(result), now))
+                elif isinstance(result, BaseException):
+                    # not the gate's own refusal: leave the job placed, a later pass tries again
+                    log.error("launch failed unexpectedly", job_id=row.id, error=repr(result))
+                    retry = True
+                else:
+                    started.append(self._track(row, launch, result))
+            await self._record_started(started, failures)
+        except Exception:
+            log.exception("recording a batch of launches failed; the next passes retry or re-adopt")
+            retry = True
+        finally:
+            self._busy.difference_update(row.id for row, _ in direct)
+        if retry:
+            self.wakeup.ring()
 
     async def _launch_in_background(self, row: Any, launch: JobLaunch) -> None:
         """Launch one job off the pass (its gate may wait); record the start or the failure."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -445,7 +445,13 @@ def rows_with_owner(
     return list(conn.execute(query).all())
 
 
-def rows_to_launch(conn: Connection, states: Iterable[JobState], *, limit: int) -> list[Any]:
+def rows_to_launch(
+    conn: Connection,
+    states: Iterable[JobState],
+    *,
+    limit: int,
+    skip: Callable[[str], bool] = lambda job_id: False,
+) -> list[Any]:
     """Job rows (plus ``owner_name``) in ``states`` not yet handed to a gate (no handle: a
     self-scheduling gate's submitted jobs stay ``scheduled`` with one), in scheduling order — only those
     there is something to do for: placed on nodes, or with a cancel or requeue request.
@@ -453,7 +459,7 @@ def rows_to_launch(conn: Connection, states: Iterable[JobState], *, limit: int) 
     Jobs still waiting for an elastic partition (no nodes yet) are left out after reading a few of
     their columns: when hundreds wait for their VMs, reading all of their rows (the spec and the other
     JSON columns decoded) on every pass of the execution loop was most of the pass's cost, for rows it
-    skips.
+    skips. So are the rows the caller tells to ``skip`` (those it is launching already).
     """
     order = (jobs.c.priority.desc(), jobs.c.seq.asc())
     candidates = conn.execute(
@@ -462,7 +468,11 @@ def rows_to_launch(conn: Connection, states: Iterable[JobState], *, limit: int) 
         .order_by(*order)
         .limit(limit)
     )
-    ids = [r.id for r in candidates if r.node_ids or r.cancel_requested or r.requeue_requested]
+    ids = [
+        r.id
+        for r in candidates
+        if (r.node_ids or r.cancel_requested or r.requeue_requested) and not skip(r.id)
+    ]
     if not ids:
         return []
     query = (
