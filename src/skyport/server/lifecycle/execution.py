@@ -59,7 +59,8 @@ def _apply_and_charge(
     conn: Connection, changes: list[job_store.StateChange], now: datetime, half_life_s: float
 ) -> list[job_store.StateChange]:
     """Record state changes; charge the CPU time of every attempt that ended to its account (fair share)."""
-    used = job_store.cpu_seconds_used(conn, [c.job_id for c in changes], now)
+    ending = [c.job_id for c in changes if c.to_state.terminal or c.to_state is JobState.QUEUED]
+    used = job_store.cpu_seconds_used(conn, ending, now) if ending else {}
     applied = job_store.transition(conn, changes, now)
     charges: dict[str, float] = defaultdict(float)
     for change in applied:

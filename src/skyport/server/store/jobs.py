@@ -145,8 +145,14 @@ def transition(conn: Connection, changes: Sequence[StateChange], now: datetime) 
     if not changes:
         return []
     ids = list({c.job_id for c in changes})
-    query = select(jobs.c.id, jobs.c.state, jobs.c.attempt).where(jobs.c.id.in_(ids)).with_for_update()
-    current = {r.id: (JobState(r.state), r.attempt) for r in conn.execute(query)}
+    query = (
+        select(jobs.c.id, jobs.c.state, jobs.c.attempt, jobs.c.partition_id)
+        .where(jobs.c.id.in_(ids))
+        .with_for_update()
+    )
+    read = conn.execute(query).all()
+    current = {r.id: (JobState(r.state), r.attempt) for r in read}
+    on_partitions = {r.id for r in read if r.partition_id is not None}
     applied: list[StateChange] = []
     rows: list[tuple[str, str, dict[str, Any]]] = []  # (job id, from state, new values)
     event_rows: list[dict[str, Any]] = []
@@ -177,8 +183,12 @@ def transition(conn: Connection, changes: Sequence[StateChange], now: datetime) 
                 "message": change.message,
             }
         )
-    ending = [c.job_id for c in applied if c.to_state.terminal or c.to_state is JobState.QUEUED]
-    if ending:  # before the rows change: a requeue clears the job's partition
+    ending = [
+        c.job_id
+        for c in applied
+        if (c.to_state.terminal or c.to_state is JobState.QUEUED) and c.job_id in on_partitions
+    ]
+    if ending:  # elastic capacity costs money; before the rows change: a requeue clears the partition
         partition_store.charge_jobs(conn, ending, now)
     _write_rows(conn, rows)
     if event_rows:
