@@ -61,6 +61,13 @@ MAX_PAGE = 8192
 #: Shortest time between two passes. Submissions arrive far faster than placements matter; one pass
 #: per few milliseconds serves them all in batches instead of one pass per submission.
 MIN_PASS_INTERVAL_S = 0.02
+#: And at least this many times as long as the last pass took: the scheduler then takes at most a
+#: quarter of the core's time. A pass has a fixed cost (the nodes and the jobs holding them are read
+#: whatever it places: ~10 ms with 64 jobs running); with half of the core (a factor of 1) a steady
+#: stream of submissions kept it running every 20 ms, placing a handful of jobs each time, and
+#: scheduling was a third of the core's CPU per job (2,000 trivial jobs: 170-200 passes, 3.4-4.4 ms
+#: of core CPU per job; with 3: 84-98 passes, 2.5-2.6 ms, and more jobs per second).
+PASS_GAP_FACTOR = 3
 
 
 @dataclass(frozen=True)
@@ -461,10 +468,10 @@ class SchedulerLoop:
         await run_passes(self.pass_once, self._wait, "scheduler")
 
     async def _wait(self) -> None:
-        # Rate limit, not synchronisation: at least as long as the last pass took, so that a deep queue
-        # (every pass reads and plans up to BACKFILL_DEPTH jobs) costs at most about half a core while
-        # jobs end hundreds of times a second; each pass then places more of them.
-        await asyncio.sleep(max(MIN_PASS_INTERVAL_S, self._last_pass_s))
+        # Rate limit, not synchronisation (see PASS_GAP_FACTOR): a deep queue (every pass reads and
+        # plans up to BACKFILL_DEPTH jobs) or a stream of submissions costs at most a quarter of the
+        # core while jobs end hundreds of times a second; each pass then places more of them.
+        await asyncio.sleep(max(MIN_PASS_INTERVAL_S, PASS_GAP_FACTOR * self._last_pass_s))
         await self.wakeup.wait(self._interval)
 
     async def pass_once(self) -> Plan:
