@@ -16,7 +16,7 @@ from skyport.models import ArrayJob, Job, JobState
 from skyport.models.job import ACTIVE_STATES, TERMINAL_STATES
 from skyport.server.auth import Principal, may_see_job
 from skyport.server.clock import Clock
-from skyport.server.lifecycle.wakeup import JobNotifier, Wakeup
+from skyport.server.lifecycle.wakeup import JobNotifier
 from skyport.server.store import jobs as job_store
 from skyport.server.store import users as user_store
 from skyport.server.store.engine import Store
@@ -118,13 +118,13 @@ class JobControl:
         notifier: JobNotifier,
         *,
         on_change: Callable[[], None],
-        wake_execution: Wakeup,
+        on_flags: Callable[[], None],
     ) -> None:
         self._store = store
         self._clock = clock
         self._notifier = notifier
         self._on_change = on_change
-        self._wake_execution = wake_execution
+        self._on_flags = on_flags  # the execution loop acts on cancel and requeue requests
 
     async def get(self, principal: Principal, job_id: str) -> Job | None:
         """The job if it exists and the principal may see it; None otherwise (the API says 404 for both)."""
@@ -137,7 +137,7 @@ class JobControl:
     async def cancel_array(self, principal: Principal, array_id: str) -> ArrayJob | None:
         if not await self._store.write(_cancel_array, principal, array_id, self._clock.now()):
             return None
-        self._wake_execution.ring()
+        self._on_flags()
         self._on_change()
         return await self.get_array(principal, array_id)
 
@@ -152,6 +152,6 @@ class JobControl:
         if not await self._store.write(action, principal, job_id, self._clock.now()):
             return None
         self._notifier.changed(job_id)
-        self._wake_execution.ring()
+        self._on_flags()
         self._on_change()
         return await self.get(principal, job_id)

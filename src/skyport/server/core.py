@@ -102,7 +102,7 @@ class Core:
             self.clock,
             self.notifier,
             on_change=self.scheduler.capacity_changed,
-            wake_execution=self.execution.wakeup,
+            on_flags=self.execution.flags_changed,
         )
         self.outputs = JobOutputs(self.store, self.spool, self.gates, self.notifier)
         # Node agents: their sessions, enrolment, and the loop that keeps node liveness true.
