@@ -410,8 +410,8 @@ class ExecutionLoop:
         for change in applied:
             if change.to_state is JobState.RUNNING or change.reason == "submitted":
                 self._tracked[change.job_id].recorded = True
-        if self._exits:
-            self.wakeup.ring()
+        if self._exits:  # ended before their start was written (a trivial job does): recorded now, not
+            await self._record_exits()  # on a pass of their own (which reads the jobs to launch first)
 
     def _ended_before_start(self, row: Any, now: Any) -> job_store.StateChange:
         flags = EndFlags(
