@@ -125,6 +125,7 @@ class ExecutionLoop:
         self._busy: set[str] = set()  # staging in or out right now
         self._exits: dict[str, Exit] = {}
         self._progress: dict[str, Progress] = {}  # news from self-scheduling gates, recorded in batches
+        self._batches_out = 0  # launch batches under way (see _launch_batch)
         self._flags_changed = True  # cancel or requeue requests to look for (see _flags_due)
         self._flags_read_at = float("-inf")
         self._tasks: set[asyncio.Task[None]] = set()
@@ -145,7 +146,8 @@ class ExecutionLoop:
         return max(0.0, min(self._interval, min(deadlines) - self._clock.monotonic()))
 
     async def pass_once(self) -> None:
-        await self._launch_placed()
+        if not self._batches_out:  # else the batch's end rings: see _launch_batch
+            await self._launch_placed()
         await self._enforce()
         await self._record_progress()
         await self._record_exits()
@@ -230,6 +232,7 @@ class ExecutionLoop:
             direct.append((row, launch))
         if direct:  # handed over without waiting: see _launch_batch
             self._busy.update(row.id for row, _ in direct)
+            self._batches_out += 1
             self._spawn(self._launch_batch(direct, now))
         for remote_id, batch in forwarded.items():
             gate = self_scheduling(self._gates[remote_id])
@@ -245,13 +248,14 @@ class ExecutionLoop:
     async def _launch_batch(self, direct: list[tuple[Any, JobLaunch]], now: datetime) -> None:
         """Start a pass's jobs together (a gate may start several at once) and record them, off the pass.
 
-        A pipeline, not stop-and-wait: while the gate starts this batch (the local launcher forks one
-        job after another, tens of milliseconds for a few dozen), the loop's next passes hand it the
-        jobs placed meanwhile and record the ones that ended. Waiting inside the pass left the placed
-        jobs' CPUs idle for that long, and the core idle while the launcher worked. The rows stay
-        ``_busy`` until their start or failure is written, so no pass launches them twice.
+        Off the pass: while the gate starts this batch (the local launcher forks one job after
+        another, tens of milliseconds for a few dozen), the loop's passes record the jobs that ended
+        and act on cancels. Waiting inside the pass held those up, and left the core idle while the
+        launcher worked. One batch at a time: the jobs placed meanwhile wait for its end and go
+        together as the next (the launcher starts them one by one anyway, and batches of a handful
+        cost the core more passes and transactions per job than it saved). The rows stay ``_busy``
+        until their start or failure is written, so no pass launches them twice.
         """
-        retry = False
         try:
             results = await asyncio.gather(
                 *(self._gate(row).launch(launch) for row, launch in direct), return_exceptions=True
@@ -264,17 +268,15 @@ class ExecutionLoop:
                 elif isinstance(result, BaseException):
                     # not the gate's own refusal: leave the job placed, a later pass tries again
                     log.error("launch failed unexpectedly", job_id=row.id, error=repr(result))
-                    retry = True
                 else:
                     started.append(self._track(row, launch, result))
             await self._record_started(started, failures)
         except Exception:
             log.exception("recording a batch of launches failed; the next passes retry or re-adopt")
-            retry = True
         finally:
             self._busy.difference_update(row.id for row, _ in direct)
-        if retry:
-            self.wakeup.ring()
+            self._batches_out -= 1
+        self.wakeup.ring()  # the jobs placed meanwhile go as the next batch
 
     async def _launch_in_background(self, row: Any, launch: JobLaunch) -> None:
         """Launch one job off the pass (its gate may wait); record the start or the failure."""
