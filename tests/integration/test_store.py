@@ -8,12 +8,14 @@ from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
-from sqlalchemy import Connection
+from sqlalchemy import Connection, insert, select
 
 from skyport.models import JobSpec, JobState
 from skyport.server.store import jobs as job_store
 from skyport.server.store import users as user_store
 from skyport.server.store.engine import Store
+from skyport.server.store.prepared import PreparedInsert
+from skyport.server.store.tables import events, jobs
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 
@@ -172,3 +174,49 @@ async def test_a_failed_write_leaves_nothing(store: Store) -> None:
     with pytest.raises(RuntimeError):
         await store.write(insert_then_crash)
     assert await store.read(job_store.get_job, job.id) is None
+
+
+def _stored_like_sqlalchemy(conn: Connection, job: job_store.NewJob) -> list[tuple[str, object, object]]:
+    """The job's row as insert_jobs wrote it, against the same values written by SQLAlchemy's own
+    insert: (column, ours, SQLAlchemy's) for every column that differs, beyond the keys."""
+    twin = {**job_store._row_values(job), "id": str(uuid.uuid4())}
+    conn.execute(insert(jobs), [twin])
+    ours = conn.execute(select(jobs).where(jobs.c.id == job.id)).one()._mapping
+    theirs = conn.execute(select(jobs).where(jobs.c.id == twin["id"])).one()._mapping
+    return [(k, ours[k], theirs[k]) for k in ours if k not in {"id", "seq"} and ours[k] != theirs[k]]
+
+
+async def test_a_submission_is_stored_as_sqlalchemy_would_store_it(store: Store) -> None:
+    """insert_jobs hands the driver pre-processed rows (PreparedInsert): every column must come back
+    exactly as through SQLAlchemy's insert, JSON, timestamps and booleans included."""
+    owner, account = await _owner(store)
+    spec = JobSpec(
+        command=["python", "-c", "print('é')"],
+        name="typed",
+        cpus=3,
+        mem=2**33,
+        labels={"zone": "a/b"},
+        depends=[str(uuid.uuid4())],
+        exclusive=True,
+        env={"A": "1"},
+    )
+    job = job_store.NewJob(
+        id=str(uuid.uuid4()),
+        owner_id=owner,
+        account_id=account,
+        spec=spec,
+        submit_time=NOW.astimezone(ZoneInfo("Asia/Tokyo")),
+        walltime=600,
+    )
+    await store.write(job_store.insert_jobs, [job])
+    assert await store.write(_stored_like_sqlalchemy, job) == []
+    events = await store.read(job_store.list_events, job.id)
+    assert [(e.to_state, e.reason, e.time) for e in events] == [(JobState.QUEUED, "submitted", NOW)]
+
+
+async def test_a_prepared_insert_refuses_rows_with_columns_it_does_not_write(store: Store) -> None:
+    """A column added to the rows but not to the statement would be dropped silently: it is refused."""
+    prepared = PreparedInsert(events, ("job_id", "attempt", "time", "from_state", "to_state", "reason"))
+    row = {"job_id": "x", "attempt": 1, "time": NOW, "from_state": None, "to_state": "queued"}
+    with pytest.raises(ValueError, match="message"):
+        await store.write(prepared.execute, [{**row, "reason": "r", "message": "m"}])

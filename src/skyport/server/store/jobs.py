@@ -19,6 +19,7 @@ from sqlalchemy import Connection, bindparam, delete, func, insert, select, upda
 
 from skyport.models import ArrayJob, Event, Job, JobSpec, JobState
 from skyport.server.store import partitions as partition_store
+from skyport.server.store.prepared import PreparedInsert
 from skyport.server.store.tables import accounts, arrays, events, job_files, jobs, remotes, users
 
 
@@ -102,6 +103,19 @@ def _row_values(job: NewJob) -> dict[str, Any]:
     }
 
 
+_JOB_COLUMNS = (
+    *("id", "owner_id", "account_id", "name", "state", "reason", "state_details", "attempt", "spec"),
+    *("priority", "cpus", "mem", "gpus", "node_count", "walltime", "labels", "depends", "depends_any"),
+    *("exclusive", "flavor", "array_id", "array_index", "array_throttle", "requested_remote_id"),
+    *("remote_id", "node_ids", "node_names", "node_ips", "handle", "cancel_requested"),
+    *("requeue_requested", "submit_time", "updated_at"),
+)
+_insert_job_rows = PreparedInsert(jobs, _JOB_COLUMNS)
+_insert_events = PreparedInsert(
+    events, ("job_id", "attempt", "time", "from_state", "to_state", "reason", "message")
+)
+
+
 def insert_jobs(conn: Connection, new_jobs: Sequence[NewJob]) -> None:
     """Write accepted submissions (one transaction for many: group commit) with their first event."""
     if not new_jobs:
@@ -109,9 +123,9 @@ def insert_jobs(conn: Connection, new_jobs: Sequence[NewJob]) -> None:
     new_arrays = {j.array.id: j.array for j in new_jobs if j.array is not None}
     if new_arrays:
         conn.execute(insert(arrays), [vars(a) for a in new_arrays.values()])
-    conn.execute(insert(jobs), [_row_values(j) for j in new_jobs])
-    conn.execute(
-        insert(events),
+    _insert_job_rows.execute(conn, [_row_values(j) for j in new_jobs])
+    _insert_events.execute(
+        conn,
         [
             {
                 "job_id": j.id,
@@ -191,8 +205,7 @@ def transition(conn: Connection, changes: Sequence[StateChange], now: datetime) 
     if ending:  # elastic capacity costs money; before the rows change: a requeue clears the partition
         partition_store.charge_jobs(conn, ending, now)
     _write_rows(conn, rows)
-    if event_rows:
-        conn.execute(insert(events), event_rows)
+    _insert_events.execute(conn, event_rows)
     return applied
 
 
