@@ -220,3 +220,30 @@ async def test_a_prepared_insert_refuses_rows_with_columns_it_does_not_write(sto
     row = {"job_id": "x", "attempt": 1, "time": NOW, "from_state": None, "to_state": "queued"}
     with pytest.raises(ValueError, match="message"):
         await store.write(prepared.execute, [{**row, "reason": "r", "message": "m"}])
+
+
+def _queue_index_and_plan(conn: Connection) -> tuple[str, list[str]]:
+    """The queue index's definition, and (SQLite) the plan of the scheduler's read of the queue head."""
+    if conn.dialect.name == "sqlite":
+        sql = conn.exec_driver_sql("SELECT sql FROM sqlite_master WHERE name = 'ix_jobs_queue'").scalar_one()
+        head = (
+            select(jobs.c.id)
+            .where(jobs.c.state == "queued")
+            .order_by(jobs.c.priority.desc(), jobs.c.seq.asc())
+            .limit(16)
+            .compile(conn, compile_kwargs={"literal_binds": True})
+        )
+        plan = [row[3] for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {head}")]
+        return sql, plan
+    sql = conn.exec_driver_sql(
+        "SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_jobs_queue'"
+    ).scalar_one()
+    return sql, []
+
+
+async def test_the_queue_head_is_read_in_index_order_without_sorting_the_queue(store: Store) -> None:
+    """Batch migrations on SQLite recreate indexes without their DESC (0008): then every scheduling
+    pass sorted all queued jobs of the head's priority to return a page of them."""
+    definition, plan = await store.read(_queue_index_and_plan)
+    assert "priority DESC" in definition
+    assert not [step for step in plan if "TEMP B-TREE" in step]
