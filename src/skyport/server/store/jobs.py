@@ -19,7 +19,7 @@ from sqlalchemy import Connection, bindparam, delete, func, insert, select, upda
 
 from skyport.models import ArrayJob, Event, Job, JobSpec, JobState
 from skyport.server.store import partitions as partition_store
-from skyport.server.store.prepared import PreparedInsert
+from skyport.server.store.prepared import PreparedInsert, PreparedStatement
 from skyport.server.store.tables import accounts, arrays, events, job_files, jobs, remotes, users
 
 
@@ -220,15 +220,27 @@ def _write_rows(conn: Connection, rows: list[tuple[str, str, dict[str, Any]]]) -
         bound = {f"v_{k}": v for k, v in values.items()}
         shapes[tuple(sorted(values))].append({"b_id": job_id, "b_from": from_state, **bound})
     for columns, params in shapes.items():
+        count = _state_update(columns).execute(conn, params)
+        # Cannot happen with the rows locked; never hide it. (asyncpg reports no count: -1.)
+        if count not in (-1, len(params)):
+            raise RuntimeError(f"state change raced: {count} of {len(params)} jobs updated")
+
+
+#: The state changes' UPDATEs, one per set of columns changed (a few dozen shapes in all).
+_state_updates: dict[tuple[str, ...], PreparedStatement] = {}
+
+
+def _state_update(columns: tuple[str, ...]) -> PreparedStatement:
+    prepared = _state_updates.get(columns)
+    if prepared is None:
         statement = (
             update(jobs)
             .where(jobs.c.id == bindparam("b_id"), jobs.c.state == bindparam("b_from"))
             .values({c: bindparam(f"v_{c}", type_=jobs.c[c].type) for c in columns})
         )
-        result = conn.execute(statement, params)
-        # Cannot happen with the rows locked; never hide it. (asyncpg reports no count: -1.)
-        if result.rowcount not in (-1, len(params)):
-            raise RuntimeError(f"state change raced: {result.rowcount} of {len(params)} jobs updated")
+        prepared = PreparedStatement(statement, ["b_id", "b_from", *(f"v_{c}" for c in columns)])
+        _state_updates[columns] = prepared
+    return prepared
 
 
 def owners_of(conn: Connection, job_ids: Sequence[str]) -> dict[str, str]:
