@@ -53,6 +53,9 @@ log = structlog.get_logger(__name__)
 LAUNCHABLE = frozenset({JobState.SCHEDULED, JobState.STAGING_IN})
 STARTED = frozenset({JobState.SCHEDULED, JobState.STAGING_IN, JobState.RUNNING})
 LAUNCH_BATCH = 1000
+#: A launch batch's starts are written in groups of this many as the gate reports them (see
+#: ExecutionLoop._launch_batch).
+RECORD_STARTS_EVERY = 16
 
 
 def _apply_and_charge(
@@ -253,27 +256,36 @@ class ExecutionLoop:
         and act on cancels. Waiting inside the pass held those up, and left the core idle while the
         launcher worked. One batch at a time: the jobs placed meanwhile wait for its end and go
         together as the next (the launcher starts them one by one anyway, and batches of a handful
-        cost the core more passes and transactions per job than it saved). The rows stay ``_busy``
-        until their start or failure is written, so no pass launches them twice.
+        cost the core more passes and transactions per job than it saved). The starts are recorded
+        every :data:`RECORD_STARTS_EVERY` launches, not at the batch's end: a job that ended is
+        recorded only after its start, and until then its CPUs look taken (64 trivial jobs on 64
+        CPUs, launched one after the other, held them all for the whole batch). The rows stay
+        ``_busy`` until their start or failure is written, so no pass launches them twice.
         """
+        launches = [asyncio.ensure_future(self._gate(row).launch(launch)) for row, launch in direct]
         try:
-            results = await asyncio.gather(
-                *(self._gate(row).launch(launch) for row, launch in direct), return_exceptions=True
-            )
-            started: list[_Tracked] = []
-            failures: list[job_store.StateChange] = []
-            for (row, launch), result in zip(direct, results, strict=True):
-                if isinstance(result, GateError):
-                    failures.append(self._launch_failed(row, str(result), now))
-                elif isinstance(result, BaseException):
-                    # not the gate's own refusal: leave the job placed, a later pass tries again
-                    log.error("launch failed unexpectedly", job_id=row.id, error=repr(result))
-                else:
-                    started.append(self._track(row, launch, result))
-            await self._record_started(started, failures)
+            for first in range(0, len(direct), RECORD_STARTS_EVERY):
+                chunk = direct[first : first + RECORD_STARTS_EVERY]
+                results = await asyncio.gather(
+                    *launches[first : first + RECORD_STARTS_EVERY], return_exceptions=True
+                )
+                started: list[_Tracked] = []
+                failures: list[job_store.StateChange] = []
+                for (row, launch), result in zip(chunk, results, strict=True):
+                    if isinstance(result, GateError):
+                        failures.append(self._launch_failed(row, str(result), now))
+                    elif isinstance(result, BaseException):
+                        # not the gate's own refusal: leave the job placed, a later pass tries again
+                        log.error("launch failed unexpectedly", job_id=row.id, error=repr(result))
+                    else:
+                        started.append(self._track(row, launch, result))
+                await self._record_started(started, failures)
+                self._busy.difference_update(row.id for row, _ in chunk)
         except Exception:
             log.exception("recording a batch of launches failed; the next passes retry or re-adopt")
         finally:
+            for pending in launches:
+                pending.cancel()  # only if this task is cancelled or failed: else all are done
             self._busy.difference_update(row.id for row, _ in direct)
             self._batches_out -= 1
         self.wakeup.ring()  # the jobs placed meanwhile go as the next batch
