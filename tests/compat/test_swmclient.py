@@ -46,7 +46,7 @@ HELLO_SCRIPT = """\
 #SWM comment submitted by swmclient
 echo "hello from a swmclient job"
 echo "this line goes to stderr" >&2
-sleep 1
+sleep 1.5
 """
 
 
@@ -187,7 +187,7 @@ def wait_ended(native: Client, job_id: str) -> None:
 
 @pytest.fixture(scope="module")
 def finished_job(alice: Terminal) -> str:
-    """A job submitted through swmclient that printed to stdout and stderr and ran for about a second."""
+    """A job submitted through swmclient that printed to stdout and stderr and ran for about a second and a half."""
     job_id = submit(alice.api, HELLO_SCRIPT)
     wait_ended(alice.native, job_id)
     return job_id
@@ -277,7 +277,9 @@ def test_get_job_parses_a_finished_job_completely(alice: Terminal, finished_job:
     assert job.state.value == "F" and job.exitcode == 0 and job.signal == 0, job.state_details
     start, end = parse_utc(job.start_time), parse_utc(job.end_time)
     assert parse_utc(job.submit_time) <= start <= end
-    assert job.duration >= 1, "the job slept for a second: duration is the time it actually ran"
+    # start and end are when the core recorded them, each a few ms after the fact: the job sleeps
+    # longer than the second asked for, so that the whole-second duration cannot round down to 0
+    assert job.duration >= 1, "the job slept for 1.5 s: duration is the time it actually ran"
     assert abs(job.duration - (end - start).total_seconds()) <= 1.5
     assert job.node_names and job.node_ips, "a job that ran has the nodes it ran on"
     request = assert_resources(job.request, {"cpus", "mem", "storage", "gpus"})
