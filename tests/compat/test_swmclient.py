@@ -187,7 +187,7 @@ def wait_ended(native: Client, job_id: str) -> None:
 
 @pytest.fixture(scope="module")
 def finished_job(alice: Terminal) -> str:
-    """A job submitted through swmclient that printed to stdout and stderr and ran for about a second and a half."""
+    """A job submitted through swmclient that printed to stdout and stderr and ran for 1.5 s."""
     job_id = submit(alice.api, HELLO_SCRIPT)
     wait_ended(alice.native, job_id)
     return job_id
