@@ -83,9 +83,10 @@ def check_ready_to_serve(settings: Settings) -> None:
             raise ServerNotReady(f"no {what} at {path}: run `skyport init` first")
 
 
-#: How often the interpreter offers the GIL to another thread (Python's default is 5 ms). The store's
-#: threads hand each transaction back to the event loop; at 5 ms every hand-off can wait that long
-#: while the loop is busy with requests. Measured: ~370 -> ~530 submissions/s at 1 ms (docs/performance.md).
+#: How often the interpreter offers the GIL to another thread (Python's default is 5 ms). Threads that hand
+#: work back to the event loop (the WAL checkpointer, staging's file I/O) can wait that long for each
+#: hand-off while the loop is busy with requests. Measured when the store still ran every transaction in a
+#: thread: ~370 -> ~530 submissions/s at 1 ms (docs/performance.md).
 GIL_SWITCH_INTERVAL_S = 0.001
 #: The cyclic garbage collector's thresholds (Python's default: 700, 10, 10). Every request and job
 #: allocates objects that die young, almost none of them in cycles; at the default the core ran ~190

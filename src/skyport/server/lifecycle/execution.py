@@ -205,7 +205,8 @@ class ExecutionLoop:
     # -- launching -----------------------------------------------------------------------------------
 
     async def _launch_placed(self) -> None:
-        rows = [r for r in await self._rows(LAUNCHABLE) if not self._in_hand(r.id)]  # in hand: since read
+        # the read skips the rows in hand; on PostgreSQL the read awaits, and more may be in hand after it
+        rows = [r for r in await self._rows(LAUNCHABLE) if not self._in_hand(r.id)]
         if not rows:
             return
         started: list[_Tracked] = []
@@ -280,7 +281,6 @@ class ExecutionLoop:
                     else:
                         started.append(self._track(row, launch, result))
                 await self._record_started(started, failures)
-                self._busy.difference_update(row.id for row, _ in chunk)
         except Exception:
             log.exception("recording a batch of launches failed; the next passes retry or re-adopt")
         finally:

@@ -310,17 +310,19 @@ def add_event(
     now: datetime,
 ) -> None:
     """An event that is not a state change (e.g. a cancel request), also shown as ``state_details``."""
-    conn.execute(
-        insert(events),
-        {
-            "job_id": job_id,
-            "attempt": attempt,
-            "time": now,
-            "from_state": state.value,
-            "to_state": state.value,
-            "reason": reason,
-            "message": message,
-        },
+    _insert_events.execute(
+        conn,
+        [
+            {
+                "job_id": job_id,
+                "attempt": attempt,
+                "time": now,
+                "from_state": state.value,
+                "to_state": state.value,
+                "reason": reason,
+                "message": message,
+            }
+        ],
     )
     conn.execute(update(jobs).where(jobs.c.id == job_id).values(state_details=message, updated_at=now))
 

@@ -271,9 +271,9 @@ jobs = Table(
     Column("signal", Integer, nullable=True),
     Column("updated_at", UTCDateTime, nullable=False),
 )
-# The queue in scheduling order (priority first, then first come): the scheduler reads its head.
-# Queue order. A batch migration of the jobs table on SQLite recreates it without its DESC (see migration
-# 0008): recreate it after any such migration (test_store checks it).
+# The queue in scheduling order (priority first, then first come): the scheduler reads its head. A batch
+# migration of the jobs table on SQLite recreates it without its DESC (see migration 0008): recreate it
+# after any such migration (test_store checks it).
 Index("ix_jobs_queue", jobs.c.state, jobs.c.priority.desc(), jobs.c.seq)
 
 job_files = Table(
