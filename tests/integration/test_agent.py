@@ -12,9 +12,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from websockets.asyncio.client import connect
 
-from skyport.agent.identity import NodeIdentity
+from skyport.agent.identity import NodeIdentity, enrolment_client
 from skyport.client import ApiError
 from skyport.client.ports import forward, open_port
 from skyport.models import JobState
@@ -99,6 +101,54 @@ def test_a_bootstrap_token_enrols_once_and_a_node_certificate_is_not_a_user(
     context.load_cert_chain(str(agent.state_dir / "node-cert.pem"), str(agent.state_dir / "node-key.pem"))
     whoami = httpx.get(agent_core.url + "/api/v1/whoami", verify=context)
     assert whoami.status_code == 401
+
+
+def test_nodes_of_one_process_enrol_over_a_shared_connection_each_with_its_own_certificate(
+    agent_core: CoreProcess, tmp_path: Path
+) -> None:
+    """An agent pool's nodes share an enrolment client: one kept-alive TLS connection carries all
+    their enrolments (counted by a TCP relay in front of the core), and each node still gets its own
+    certificate for its own key, with its own token."""
+    names = ["pooled1", "pooled2", "pooled3"]
+    tokens = {n: agent_core.client().bootstrap_token(REMOTE, n)["token"] for n in names}
+    ca_file = agent_core.home / "ca" / "ca.pem"
+
+    async def enrol_all() -> tuple[int, list[dict[str, str]]]:
+        port = int(agent_core.url.rsplit(":", 1)[1])
+        connections = 0
+
+        async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal connections
+            connections += 1
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
+
+            async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+                dst.close()
+
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer), return_exceptions=True)
+
+        server = await asyncio.start_server(relay, "127.0.0.1", 0)
+        relay_url = f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        async with server, enrolment_client(ca_file.read_bytes(), max_connections=1) as client:
+            nodes = []
+            for name in names:
+                identity = NodeIdentity(tmp_path / name, relay_url)
+                nodes.append(await identity.enrol_async(tokens[name], ca_file, client))
+            return connections, nodes
+
+    connections, nodes = asyncio.run(enrol_all())
+    assert connections == 1
+    assert sorted(n["node_name"] for n in nodes) == names
+    subjects = set()
+    for name in names:
+        cert = x509.load_pem_x509_certificate((tmp_path / name / "node-cert.pem").read_bytes())
+        key = load_pem_private_key((tmp_path / name / "node-key.pem").read_bytes(), None)
+        assert cert.public_key().public_numbers() == key.public_key().public_numbers()
+        subjects.add(cert.subject.rfc4514_string())
+    assert len(subjects) == len(names)
 
 
 def test_cancel_stops_a_job_on_the_agent(agent_core: CoreProcess, agent: AgentProcess) -> None:

@@ -26,6 +26,8 @@ KEY_FILE = "node-key.pem"
 CERT_FILE = "node-cert.pem"
 CA_FILE = "ca.pem"
 NODE_FILE = "node.json"
+#: How long an enrolment request may take (the core may be busy with hundreds of nodes at once).
+ENROL_TIMEOUT_S = 30.0
 
 
 class EnrolmentRefused(Exception):
@@ -45,6 +47,21 @@ def _verifying_context(ca_pem: bytes) -> ssl.SSLContext:
     nodes enrolling at once built one each, side by side in the pool's threads, and those were the
     largest item of a pool's profile while 500 simulated VMs enrolled."""
     return ssl.create_default_context(cadata=ca_pem.decode())
+
+
+def enrolment_client(ca_pem: bytes, *, max_connections: int = 8) -> httpx.AsyncClient:
+    """An HTTP client for the enrolments of several nodes that trust the CA ``ca_pem`` (close it).
+
+    An enrolment is authenticated by its one-time token and its CSR, not by the connection, which
+    presents no certificate; so the nodes of one process (an agent pool's fifty) can send theirs over
+    a few kept-alive connections instead of each making a client and a TLS connection of its own.
+    Made for each node, those clients and handshakes were the largest item of a pool's CPU while 500
+    simulated VMs enrolled, and each handshake cost the core one more."""
+    return httpx.AsyncClient(
+        verify=_verifying_context(ca_pem),
+        timeout=ENROL_TIMEOUT_S,
+        limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+    )
 
 
 @dataclass
@@ -99,18 +116,26 @@ class NodeIdentity:
         self._save(key_pem, self._answer(self._post(protocol.ENROL_PATH, body, context)))
         return self.node()
 
-    async def enrol_async(self, token: str, ca_file: Path) -> dict[str, str]:
+    async def enrol_async(
+        self, token: str, ca_file: Path, client: httpx.AsyncClient | None = None
+    ) -> dict[str, str]:
         """:meth:`enrol` without holding a thread while the core answers.
 
         An agent pool enrols dozens of nodes at once; with the blocking call each held one of the
         pool's few worker threads for the whole round trip to a busy core, so the pool's other work
         (noticing new nodes, launching jobs) queued behind enrolments for seconds. The files, the key
-        and the CSR are made in a thread; the request itself is awaited."""
+        and the CSR are made in a thread; the request itself is awaited.
+
+        ``client``: one the caller shares between the enrolments of its nodes (see
+        :func:`enrolment_client`); else one is made for this request."""
         key_pem, body, context = await asyncio.to_thread(self._enrolment_request, token, ca_file)
         url = self.url.rstrip("/") + protocol.ENROL_PATH
         try:
-            async with httpx.AsyncClient(verify=context, timeout=30.0) as client:
+            if client is not None:
                 response = await client.post(url, json=body)
+            else:
+                async with httpx.AsyncClient(verify=context, timeout=ENROL_TIMEOUT_S) as own:
+                    response = await own.post(url, json=body)
         except httpx.HTTPError as exc:
             raise CoreUnreachable(f"cannot reach the core at {self.url}: {exc}") from exc
         await asyncio.to_thread(self._save, key_pem, self._answer(response))

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import structlog
 
-from skyport.agent.identity import CoreUnreachable, EnrolmentRefused, NodeIdentity
+from skyport.agent.identity import CoreUnreachable, EnrolmentRefused, NodeIdentity, enrolment_client
 from skyport.agent.node import Agent, AgentConfig
 from skyport.pki import generate_key, make_csr
 from skyport.server.settings import LocalGateSettings
@@ -78,8 +78,17 @@ class AgentPool:
         self._members: dict[str, asyncio.Task[None]] = {}
         #: What the last scan parsed: node name -> (inode of its file, the node).
         self._parsed: dict[str, tuple[int, PoolMember]] = {}
+        #: The members' enrolment clients, one per CA they trust (see :func:`enrolment_client`).
+        self._enrolment_clients: dict[bytes, httpx.AsyncClient] = {}
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            for client in self._enrolment_clients.values():
+                await client.aclose()
+
+    async def _run(self) -> None:
         await _load_lazily_loaded()
         idle_since = asyncio.get_running_loop().time()
         idle_exit_s = max(self._idle_exit_s, self._start_grace_s)
@@ -128,6 +137,13 @@ class AgentPool:
         self._parsed = seen
         return found
 
+    async def _enrolment_client(self, ca_file: Path) -> httpx.AsyncClient:
+        ca_pem = await asyncio.to_thread(ca_file.read_bytes)
+        client = self._enrolment_clients.get(ca_pem)
+        if client is None:
+            client = self._enrolment_clients[ca_pem] = enrolment_client(ca_pem)
+        return client
+
     async def _stop(self, name: str) -> None:
         task = self._members.pop(name)
         task.cancel()
@@ -141,7 +157,8 @@ class AgentPool:
         while not identity.enrolled():
             token = (await asyncio.to_thread(Path(member.token_file).read_text)).strip()
             try:
-                await identity.enrol_async(token, Path(member.ca_file))
+                client = await self._enrolment_client(Path(member.ca_file))
+                await identity.enrol_async(token, Path(member.ca_file), client)
             except CoreUnreachable as exc:
                 log.info("core unreachable; enrolling later", node=name, error=str(exc))
                 await asyncio.sleep(delay)
