@@ -42,10 +42,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import httpx
 from bench.harness import print_result, print_table
+from prometheus_client.parser import text_string_to_metric_families
 from tests.support.core import CoreProcess, wait_for
 
 from skyport.client import AsyncClient
+from skyport.client.api import ssl_context
 from skyport.gates.sim import sim_inventory
 from skyport.models import JobState
 
@@ -92,6 +95,34 @@ def _count(core: CoreProcess, state: JobState) -> int:
         after = page.next
 
 
+class _JobCounts:
+    """Jobs by state from the core's ``/metrics`` (the ``skyport_jobs`` gauge, one count query), over one
+    kept-alive connection: the way an operator's dashboard watches a core. Listing the running jobs
+    instead (up to 500 of them, twice a second, each poll a new TLS connection) loaded the core and this
+    process while the burst was being measured, and its 0.5 s interval added up to 0.5 s to the figure."""
+
+    def __init__(self, core: CoreProcess) -> None:
+        config = core.users["admin"].config
+        self._http = httpx.Client(base_url=config.url, verify=ssl_context(config), timeout=30)
+
+    def by_state(self) -> dict[str, float]:
+        response = self._http.get("/metrics")
+        response.raise_for_status()
+        return {
+            sample.labels["state"]: sample.value
+            for family in text_string_to_metric_families(response.text)
+            if family.name == "skyport_jobs"
+            for sample in family.samples
+        }
+
+    def all_running_or_one_failed(self, jobs: int) -> bool:
+        n = self.by_state()
+        return n.get(JobState.RUNNING.value, 0) >= jobs or bool(n.get(JobState.FAILED.value, 0))
+
+    def close(self) -> None:
+        self._http.close()
+
+
 STAGES = (
     ("requested", lambda e: e.reason == "provisioning" and e.message.startswith("Requesting")),
     ("creating", lambda e: e.reason == "provisioning" and e.message.startswith("Creating")),
@@ -102,7 +133,8 @@ STAGES = (
 
 
 def _stages(core: CoreProcess, jobs: list[str]) -> list[tuple[str, ...]]:
-    """When each step happened, from the first submission (median and slowest job): where time goes."""
+    """When each step happened, from the first submission (median, 90th percentile and slowest job):
+    where time goes."""
     c = core.client()
     times: dict[str, list[float]] = {name: [] for name, _ in STAGES}
     first = min(e.time for e in c.events(jobs[0]))
@@ -115,7 +147,8 @@ def _stages(core: CoreProcess, jobs: list[str]) -> list[tuple[str, ...]]:
     for name, _ in STAGES:
         found = sorted(times[name])
         if found:
-            rows.append((name, f"{found[len(found) // 2]:.1f}", f"{found[-1]:.1f}"))
+            median, p90 = found[len(found) // 2], found[min(len(found) - 1, len(found) * 9 // 10)]
+            rows.append((name, f"{median:.1f}", f"{p90:.1f}", f"{found[-1]:.1f}"))
     return rows
 
 
@@ -156,13 +189,12 @@ def _run(tmp: Path, sim_dir: Path) -> None:
         started = time.perf_counter()
         jobs = asyncio.run(_submit_all(core))
         submitted = time.perf_counter() - started
-        wait_for(
-            lambda: _count(core, JobState.RUNNING) >= JOBS or _count(core, JobState.FAILED),
-            600,
-            "every job to run",
-            interval=0.5,
-        )
-        all_running = time.perf_counter() - started
+        counts = _JobCounts(core)
+        try:
+            wait_for(lambda: counts.all_running_or_one_failed(JOBS), 600, "every job to run", interval=0.1)
+            all_running = time.perf_counter() - started
+        finally:
+            counts.close()
         failed = _count(core, JobState.FAILED)
         if failed:  # a failed job never runs: say why instead of waiting for it
             why = core.client().jobs([JobState.FAILED], limit=5).items
@@ -192,7 +224,9 @@ def _run(tmp: Path, sim_dir: Path) -> None:
         ],
         ("figure", "value"),
     )
-    print_table("When each step happened (s after the first submission)", stages, ("step", "median", "last"))
+    print_table(
+        "When each step happened (s after the first submission)", stages, ("step", "median", "90 %", "last")
+    )
     print_result(
         {
             "jobs": JOBS,
