@@ -128,8 +128,8 @@ async def test_a_group_of_hellos_records_known_nodes_up_and_refuses_unknown_ones
     assert await store.read(_nodes) == {"a": ("up", "host-a", 2, 2048), "b": ("up", "host-b", 4, 2048)}
 
 
-def _job_on_booting_partition(conn: Connection, remote_id: str) -> tuple[str, str, list[object]]:
-    user = user_store.add_user(conn, "alice", admin=False, now=NOW)
+def _job_on_booting_partition(conn: Connection, remote_id: str, n: int = 1) -> tuple[str, str, list[object]]:
+    user = user_store.add_user(conn, f"user{n}", admin=False, now=NOW)
     account = user_store.account_id_by_name(conn, user_store.DEFAULT_ACCOUNT)
     assert account is not None
     job_id, partition_id = str(uuid.uuid4()), str(uuid.uuid4())
@@ -148,7 +148,9 @@ def _job_on_booting_partition(conn: Connection, remote_id: str) -> tuple[str, st
     )
     partition_store.insert_partition(
         conn,
-        partition_store.NewPartition(partition_id, remote_id, "sp-1", "small", None, account, job_id, 1, 0.0),
+        partition_store.NewPartition(
+            partition_id, remote_id, f"sp-{n}", "small", None, account, job_id, 1, 0.0
+        ),
         NOW,
     )
     change = job_store.StateChange(
@@ -161,12 +163,12 @@ def _job_on_booting_partition(conn: Connection, remote_id: str) -> tuple[str, st
     )
     assert job_store.transition(conn, [change], NOW)
     token = enrol_store.create_bootstrap_token(
-        conn, remote_id=remote_id, node_name="sp-1-0", ttl=HOUR, now=NOW, partition_id=partition_id
+        conn, remote_id=remote_id, node_name=f"sp-{n}-0", ttl=HOUR, now=NOW, partition_id=partition_id
     )
     (granted,) = enrol_store.redeem_bootstrap_tokens(conn, [token], NOW)
     assert not isinstance(granted, str)
-    enrol_store.register_enrolled_nodes(conn, [(granted, "vm", "10.0.0.1")], NOW)
-    enrol_store.refresh_nodes(conn, [(granted.node_id, _hello("vm", 1))])
+    enrol_store.register_enrolled_nodes(conn, [(granted, f"vm{n}", f"10.0.0.{n}")], NOW)
+    enrol_store.refresh_nodes(conn, [(granted.node_id, _hello(f"vm{n}", 1))])
     up = partition_store.nodes_of(conn, [partition_id])[partition_id]
     return job_id, partition_id, up
 
@@ -187,3 +189,30 @@ async def test_a_job_is_placed_once_when_two_passes_place_its_partition(store: S
     assert await store.write(_place_all, placement, NOW + timedelta(seconds=1)) == [False]
 
     assert await store.read(_placed_events, job_id) == 1
+
+
+def _placed(conn: Connection, job_ids: list[str], partition_ids: list[str]) -> list[tuple[object, ...]]:
+    found = partition_store.jobs_of(conn, job_ids)
+    return [
+        (found[job_id].state, found[job_id].node_ids, partition_store.get(conn, partition_id).state)
+        for job_id, partition_id in zip(job_ids, partition_ids, strict=True)
+    ]
+
+
+async def test_a_pass_places_many_partitions_together_and_skips_the_placed_ones(store: Store) -> None:
+    """A burst's partitions are placed in one transaction: each job on its own partition's node, each
+    partition in use; a job placed already (by an earlier pass) is left as it is."""
+    remote_id = await store.write(_remote)
+    made = [await store.write(_job_on_booting_partition, remote_id, n) for n in (1, 2, 3)]
+    placements = [(job_id, remote_id, partition_id, up) for job_id, partition_id, up in made]
+    assert await store.write(_place_all, placements[:1], NOW) == [True]
+
+    later = NOW + timedelta(seconds=1)
+    assert await store.write(_place_all, placements, later) == [False, True, True]
+
+    job_ids, partition_ids = [m[0] for m in made], [m[1] for m in made]
+    node_ids = [[node.id for node in up] for _, _, up in made]
+    assert await store.read(_placed, job_ids, partition_ids) == [
+        ("scheduled", ids, "in_use") for ids in node_ids
+    ]
+    assert [await store.read(_placed_events, job_id) for job_id in job_ids] == [1, 1, 1]

@@ -645,19 +645,28 @@ def _tokens(
 def _place_all(
     conn: Connection, placements: list[tuple[str, str, str, list[Any]]], now: datetime
 ) -> list[bool]:
-    return [_place(conn, *placement, now) for placement in placements]
+    """Place each job on its partition's nodes (job id, remote id, partition id, nodes): the jobs and
+    their partitions in a few statements for all of them; whether each was placed.
+
+    A job already placed is skipped: a pass that read its partition before an earlier pass's placement
+    was committed (an agent's hello wakes this loop at once, so passes follow each other closely)."""
+    current = partition_store.jobs_of(conn, [job_id for job_id, *_ in placements])
+    changes = []
+    for job_id, remote_id, partition_id, nodes in placements:
+        row = current.get(job_id)
+        if row is not None and row.partition_id == partition_id and not row.node_ids:
+            changes.append(_placement(job_id, remote_id, nodes))
+    placed = {change.job_id for change in job_store.transition(conn, changes, now)}
+    # in the same transaction: a crash never leaves a placed job on a "booting" partition
+    in_use = {"state": "in_use", "step_deadline": None, "message": ""}
+    partition_store.set_states(
+        conn, [(partition_id, in_use) for job_id, _, partition_id, _ in placements if job_id in placed], now
+    )
+    return [job_id in placed for job_id, *_ in placements]
 
 
-def _advance_all(
-    conn: Connection, changes: list[tuple[str, job_store.StateChange, dict[str, Any]]], now: datetime
-) -> list[bool]:
-    return [_advance(conn, partition_id, change, now, values) for partition_id, change, values in changes]
-
-
-def _place(
-    conn: Connection, job_id: str, remote_id: str, partition_id: str, nodes: list[Any], now: datetime
-) -> bool:
-    change = job_store.StateChange(
+def _placement(job_id: str, remote_id: str, nodes: list[Any]) -> job_store.StateChange:
+    return job_store.StateChange(
         job_id,
         JobState.SCHEDULED,
         "placed",
@@ -670,22 +679,23 @@ def _place(
             "node_ips": [n.ip or n.host for n in nodes],
         },
     )
-    current = partition_store.job_of(conn, job_id)
-    if current is None or current.partition_id != partition_id or current.node_ids:
-        # Placed already: by a pass that read the partition before an earlier pass's placement was
-        # committed (an agent's hello wakes this loop at once, so passes follow each other closely).
-        return False
-    placed = bool(job_store.transition(conn, [change], now))
-    if placed:  # in the same transaction: a crash never leaves a placed job on a "booting" partition
-        partition_store.set_state(conn, partition_id, now, state="in_use", step_deadline=None, message="")
-    return placed
 
 
-def _advance(
-    conn: Connection, partition_id: str, change: job_store.StateChange, now: datetime, values: dict[str, Any]
-) -> bool:
-    partition_store.set_state(conn, partition_id, now, **values)
-    return _progress(conn, change, partition_id, now)
+def _advance_all(
+    conn: Connection, changes: list[tuple[str, job_store.StateChange, dict[str, Any]]], now: datetime
+) -> list[bool]:
+    """Partitions' next steps (partition id, its job's progress, the partition's new values) in a few
+    statements for all of them; whether each job's progress was recorded (it is still that
+    partition's)."""
+    partition_store.set_states(conn, [(partition_id, values) for partition_id, _, values in changes], now)
+    current = partition_store.jobs_of(conn, [change.job_id for _, change, _ in changes])
+    progress = [
+        change
+        for partition_id, change, _ in changes
+        if (row := current.get(change.job_id)) is not None and row.partition_id == partition_id
+    ]
+    applied = {id(change) for change in job_store.transition(conn, progress, now)}
+    return [id(change) in applied for _, change, _ in changes]
 
 
 def _progress(conn: Connection, change: job_store.StateChange, partition_id: str, now: datetime) -> bool:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, delete, func, insert, select, update
+from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 
 from skyport.gates.provisioner import Catalog
 from skyport.models.job import ACTIVE_STATES, TERMINAL_STATES
@@ -170,7 +170,30 @@ def get(conn: Connection, partition_id: str) -> Any:
 
 
 def set_state(conn: Connection, /, partition_id: str, now: datetime, **values: Any) -> None:
-    conn.execute(update(partitions).where(partitions.c.id == partition_id).values(updated_at=now, **values))
+    set_states(conn, [(partition_id, values)], now)
+
+
+def set_states(conn: Connection, changes: list[tuple[str, dict[str, Any]]], now: datetime) -> None:
+    """Update partitions, (id, new values) each: one ``executemany`` per set of columns changed.
+
+    The provisioning loop moves hundreds of partitions at once (a burst's VMs boot together); an
+    UPDATE each was a statement's Python each, on the event loop."""
+    shapes: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for partition_id, values in changes:
+        row = {"b_id": partition_id, "v_updated_at": now, **{f"v_{k}": v for k, v in values.items()}}
+        shapes.setdefault(tuple(sorted(values)), []).append(row)
+    for columns, rows in shapes.items():
+        statement = (
+            update(partitions)
+            .where(partitions.c.id == bindparam("b_id"))
+            .values(
+                {
+                    c: bindparam(f"v_{c}", type_=partitions.c[c].type)
+                    for c in ("updated_at", *(c for c in columns if c != "updated_at"))
+                }
+            )
+        )
+        conn.execute(statement, rows)
 
 
 def node_states(conn: Connection, partition_id: str) -> list[Any]:
@@ -205,9 +228,12 @@ def up_counts(conn: Connection, partition_ids: list[str]) -> dict[str, int]:
 
 
 def job_of(conn: Connection, job_id: str | None) -> Any:
-    if job_id is None:
-        return None
-    return conn.execute(
+    return None if job_id is None else jobs_of(conn, [job_id]).get(job_id)
+
+
+def jobs_of(conn: Connection, job_ids: list[str]) -> dict[str, Any]:
+    """What the provisioning loop needs of partitions' jobs, by job id (those that exist)."""
+    rows = conn.execute(
         select(
             jobs.c.id,
             jobs.c.state,
@@ -217,8 +243,9 @@ def job_of(conn: Connection, job_id: str | None) -> Any:
             jobs.c.attempt,
             jobs.c.spec,
             jobs.c.node_ids,
-        ).where(jobs.c.id == job_id)
-    ).first()
+        ).where(jobs.c.id.in_(job_ids))
+    )
+    return {r.id: r for r in rows}
 
 
 def active_jobs(conn: Connection, partition_ids: list[str]) -> dict[str, str]:
