@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import Connection, insert, select
 
 from skyport.models import JobSpec, JobState
+from skyport.server.lifecycle.execution import _apply_group
 from skyport.server.store import jobs as job_store
 from skyport.server.store import users as user_store
 from skyport.server.store.engine import Store
@@ -109,6 +110,25 @@ async def test_concurrent_placement_places_each_job_once(store: Store) -> None:
     a, b = await asyncio.gather(place("n1"), place("n2"))
     assert sorted(a + b) == sorted(j.id for j in new)
     assert not set(a) & set(b)
+
+
+async def test_writes_grouped_in_one_transaction_each_learn_their_own_applied_changes(store: Store) -> None:
+    """The execution loop's group commit: three writes in one transaction, in their order; a change
+    whose job moved on already (by an earlier write of the same group) is not applied, and each write
+    gets back only its own applied changes."""
+    owner, account = await _owner(store)
+    a, b = _new(owner, account), _new(owner, account)
+    await store.write(job_store.insert_jobs, [a, b])
+    first = [_change(j.id, JobState.RUNNING, JobState.QUEUED) for j in (a, b)]
+    second = [_change(a.id, JobState.COMPLETED, JobState.RUNNING, exit_code=0)]
+    late = [_change(a.id, JobState.FAILED, JobState.RUNNING, exit_code=1)]  # a completed already
+    applied = await store.write(
+        _apply_group, [(first, NOW), (second, NOW), (late, NOW + timedelta(seconds=1))], 3600.0
+    )
+    assert applied == [first, second, []]
+    events = await store.read(job_store.list_events, a.id)
+    assert [e.to_state for e in events] == [JobState.QUEUED, JobState.RUNNING, JobState.COMPLETED]
+    assert all(e.time == NOW + timedelta(seconds=1) for e in events[1:])  # the group's latest time
 
 
 async def test_pages_are_stable_while_jobs_are_added(store: Store) -> None:

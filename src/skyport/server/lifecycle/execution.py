@@ -10,6 +10,7 @@ down, launched if it never started), so nothing is left untracked after a crash.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ from skyport.server.staging import (
 )
 from skyport.server.store import jobs as job_store
 from skyport.server.store import users as user_store
+from skyport.server.store.batch import GroupCommit
 from skyport.server.store.engine import Store
 
 log = structlog.get_logger(__name__)
@@ -73,6 +75,20 @@ def _apply_and_charge(
     if charges:
         user_store.charge_usage(conn, charges, now, half_life_s)
     return applied
+
+
+#: One write of the execution loop: state changes, and when they were decided.
+_Write = tuple[list[job_store.StateChange], datetime]
+
+
+def _apply_group(
+    conn: Connection, writes: list[_Write], half_life_s: float
+) -> list[list[job_store.StateChange]]:
+    """Several writes of state changes (changes, when) in one transaction: for each, those applied."""
+    now = max(when for _, when in writes)
+    changes = [change for group, _ in writes for change in group]
+    applied = {id(change) for change in _apply_and_charge(conn, changes, now, half_life_s)}
+    return [[change for change in group if id(change) in applied] for group, _ in writes]
 
 
 @dataclass
@@ -132,6 +148,10 @@ class ExecutionLoop:
         self._flags_changed = True  # cancel or requeue requests to look for (see _flags_due)
         self._flags_read_at = float("-inf")
         self._tasks: set[asyncio.Task[None]] = set()
+        #: State changes written together when they come together (see _apply).
+        self._writes = GroupCommit[_Write, list[job_store.StateChange]](
+            store, group_txn=functools.partial(_apply_group, half_life_s=usage_half_life_s)
+        )
         #: Set once every active job has been found again after start-up.
         self.recovered = asyncio.Event()
 
@@ -700,9 +720,12 @@ class ExecutionLoop:
     # -- shared --------------------------------------------------------------------------------------
 
     async def _apply(self, changes: list[job_store.StateChange]) -> list[job_store.StateChange]:
+        """Record state changes; those that come together share a transaction (group commit): when a
+        burst of VMs comes up, each of hundreds of jobs started on an agent node is recorded on its own,
+        as its agent answers."""
         if not changes:
             return []
-        applied = await self._store.write(_apply_and_charge, changes, self._clock.now(), self._half_life)
+        applied = await self._writes.write((changes, self._clock.now()))
         finished = False
         for change in applied:
             self._notifier.changed(change.job_id)
