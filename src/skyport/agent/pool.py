@@ -137,8 +137,8 @@ class AgentPool:
         self._parsed = seen
         return found
 
-    async def _enrolment_client(self, ca_file: Path) -> httpx.AsyncClient:
-        ca_pem = await asyncio.to_thread(ca_file.read_bytes)
+    def _enrolment_client(self, ca_file: Path) -> httpx.AsyncClient:
+        ca_pem = ca_file.read_bytes()
         client = self._enrolment_clients.get(ca_pem)
         if client is None:
             client = self._enrolment_clients[ca_pem] = enrolment_client(ca_pem)
@@ -157,7 +157,7 @@ class AgentPool:
         while not identity.enrolled():
             token = (await asyncio.to_thread(Path(member.token_file).read_text)).strip()
             try:
-                client = await self._enrolment_client(Path(member.ca_file))
+                client = self._enrolment_client(Path(member.ca_file))
                 await identity.enrol_async(token, Path(member.ca_file), client)
             except CoreUnreachable as exc:
                 log.info("core unreachable; enrolling later", node=name, error=str(exc))
