@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -90,6 +91,7 @@ class AgentPool:
 
     async def _run(self) -> None:
         await _load_lazily_loaded()
+        gc.freeze()  # what start-up loaded lives as long as the pool (see skyport.agent.collector)
         idle_since = asyncio.get_running_loop().time()
         idle_exit_s = max(self._idle_exit_s, self._start_grace_s)
         while True:

@@ -97,12 +97,16 @@ def agent(
 def run_loop(main: Coroutine[Any, Any, None]) -> None:
     """Run ``main`` on uvloop when it is installed (it comes with uvicorn[standard]), else asyncio's loop.
 
-    The agent and ``port-forward`` move bulk bytes through TLS and WebSockets: uvloop's transports (TLS
-    included) are compiled code, where asyncio's run Python per read and write; the core runs on uvloop
-    too (uvicorn's choice).
+    The agent, an agent pool and ``port-forward`` move bulk bytes through TLS and WebSockets: uvloop's
+    transports (TLS included) are compiled code, where asyncio's run Python per read and write; the core
+    runs on uvloop too (uvicorn's choice). The collector runs at the core's thresholds.
     """
+    import gc
+
+    from skyport.agent.collector import GC_THRESHOLDS
     from skyport.agent.memory import keep_freed_memory
 
+    gc.set_threshold(*GC_THRESHOLDS)  # see skyport.agent.collector
     keep_freed_memory()  # bulk bytes: freed buffers stay in the process (see skyport.agent.memory)
     try:
         import uvloop
@@ -228,7 +232,7 @@ def agent_pool(
 
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(AgentPool(directory, idle_exit_s=idle_exit, start_grace_s=start_grace).run())
+        run_loop(AgentPool(directory, idle_exit_s=idle_exit, start_grace_s=start_grace).run())
 
 
 def register(app: typer.Typer) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import uvicorn
 
+from skyport.agent.collector import GC_THRESHOLDS
 from skyport.agent.memory import keep_freed_memory
 from skyport.server.app import create_app
 from skyport.server.core import Core
@@ -53,7 +54,7 @@ class _Server(uvicorn.Server):
         if self.should_exit:
             return
         # What start-up made (the app, its routes and models, the tables, the imported modules) lives
-        # as long as the process: out of the collector's way (see GC_THRESHOLDS).
+        # as long as the process: out of the collector's way (see skyport.agent.collector).
         gc.freeze()
         port = self._settings.port
         for server in self.servers:
@@ -88,12 +89,6 @@ def check_ready_to_serve(settings: Settings) -> None:
 #: hand-off while the loop is busy with requests. Measured when the store still ran every transaction in a
 #: thread: ~370 -> ~530 submissions/s at 1 ms (docs/performance.md).
 GIL_SWITCH_INTERVAL_S = 0.001
-#: The cyclic garbage collector's thresholds (Python's default: 700, 10, 10). Every request and job
-#: allocates objects that die young, almost none of them in cycles; at the default the core ran ~190
-#: young collections, 17 older and one full for 2,000 trivial jobs: 157 ms of CPU (gc callbacks, the
-#: bench's own-account run). At 7,000 it ran 5 young ones (10 ms); start-up's objects are also frozen
-#: (``gc.freeze``), out of the full collections' way.
-GC_THRESHOLDS = (7000, 10, 10)
 #: Seconds an idle client connection is kept open by the core.
 KEEP_ALIVE_S = 30
 
