@@ -704,28 +704,30 @@ def _advance_all(
     statements for all of them; whether each job's progress was recorded (it is still that
     partition's)."""
     partition_store.set_states(conn, [(partition_id, values) for partition_id, _, values in changes], now)
-    current = partition_store.jobs_of(conn, [change.job_id for _, change, _ in changes])
-    progress = [
+    return _progress_all(conn, [(partition_id, change) for partition_id, change, _ in changes], now)
+
+
+def _progress_all(
+    conn: Connection, changes: list[tuple[str, job_store.StateChange]], now: datetime
+) -> list[bool]:
+    """Partitions' jobs' changes, (partition id, change) each, for the jobs that are still that
+    partition's; whether each was applied."""
+    current = partition_store.jobs_of(conn, [change.job_id for _, change in changes])
+    still_theirs = [
         change
-        for partition_id, change, _ in changes
+        for partition_id, change in changes
         if (row := current.get(change.job_id)) is not None and row.partition_id == partition_id
     ]
-    applied = {id(change) for change in job_store.transition(conn, progress, now)}
-    return [id(change) in applied for _, change, _ in changes]
+    applied = {id(change) for change in job_store.transition(conn, still_theirs, now)}
+    return [id(change) in applied for _, change in changes]
 
 
 def _progress(conn: Connection, change: job_store.StateChange, partition_id: str, now: datetime) -> bool:
-    current = partition_store.job_of(conn, change.job_id)
-    if current is None or current.partition_id != partition_id:
-        return False
-    return bool(job_store.transition(conn, [change], now))
+    return _progress_all(conn, [(partition_id, change)], now)[0]
 
 
 def _fail_job(
     conn: Connection, change: job_store.StateChange, partition_id: str, now: datetime, message: str
 ) -> bool:
     partition_store.set_state(conn, partition_id, now, state="failed", message=message, step_deadline=None)
-    current = partition_store.job_of(conn, change.job_id)
-    if current is None or current.partition_id != partition_id:
-        return False
-    return bool(job_store.transition(conn, [change], now))
+    return _progress(conn, change, partition_id, now)

@@ -186,12 +186,7 @@ def set_states(conn: Connection, changes: list[tuple[str, dict[str, Any]]], now:
         statement = (
             update(partitions)
             .where(partitions.c.id == bindparam("b_id"))
-            .values(
-                {
-                    c: bindparam(f"v_{c}", type_=partitions.c[c].type)
-                    for c in ("updated_at", *(c for c in columns if c != "updated_at"))
-                }
-            )
+            .values({c: bindparam(f"v_{c}", type_=partitions.c[c].type) for c in ("updated_at", *columns)})
         )
         conn.execute(statement, rows)
 
