@@ -99,10 +99,6 @@ class NodeIdentity:
         """When less than a third of the certificate's life is left."""
         return self.expires_at() - now < self.lifetime() / 3
 
-    def server_context(self, ca_file: Path | None = None) -> ssl.SSLContext:
-        """TLS to the core, verified against our CA (no client certificate: enrolment)."""
-        return _verifying_context((ca_file or self.ca_path).read_bytes())
-
     def client_context(self) -> ssl.SSLContext:
         """TLS to the core with the node certificate (everything after enrolment)."""
         context = ssl.create_default_context(cafile=str(self.ca_path))
@@ -111,8 +107,8 @@ class NodeIdentity:
 
     def enrol(self, token: str, ca_file: Path) -> dict[str, str]:
         """Trade a bootstrap token and a CSR for a node certificate."""
-        key_pem, body, context = self._enrolment_request(token, ca_file)
-        self._save(key_pem, self._answer(self._post(protocol.ENROL_PATH, body, context)))
+        key_pem, body, ca_pem = self._enrolment_request(token, ca_file)
+        self._save(key_pem, self._answer(self._post(protocol.ENROL_PATH, body, _verifying_context(ca_pem))))
         return self.node()
 
     async def enrol_async(
@@ -128,31 +124,33 @@ class NodeIdentity:
 
         ``client``: one the caller shares between the enrolments of its nodes (see
         :func:`enrolment_client`); else one is made for this request."""
-        key_pem, body, context = self._enrolment_request(token, ca_file)
+        key_pem, body, ca_pem = self._enrolment_request(token, ca_file)
         url = self.url.rstrip("/") + protocol.ENROL_PATH
         try:
             if client is not None:
                 response = await client.post(url, json=body)
             else:
-                async with httpx.AsyncClient(verify=context, timeout=ENROL_TIMEOUT_S) as own:
+                async with enrolment_client(ca_pem, max_connections=1) as own:
                     response = await own.post(url, json=body)
         except httpx.HTTPError as exc:
             raise CoreUnreachable(f"cannot reach the core at {self.url}: {exc}") from exc
         self._save(key_pem, self._answer(response))
         return self.node()
 
-    def _enrolment_request(self, token: str, ca_file: Path) -> tuple[bytes, dict[str, str], ssl.SSLContext]:
+    def _enrolment_request(self, token: str, ca_file: Path) -> tuple[bytes, dict[str, str], bytes]:
         """The node's side of an enrolment before it is sent: the key (made here, never sent), the
-        request carrying the token and the CSR, and TLS verifying the core against ``ca_file``."""
+        request carrying the token and the CSR, and the CA to verify the core against (``ca_file``'s,
+        kept as the node's)."""
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.ca_path.write_bytes(ca_file.read_bytes())
+        ca_pem = ca_file.read_bytes()
+        self.ca_path.write_bytes(ca_pem)
         key = generate_key()
         body = {
             "token": token,
             "csr": make_csr(key, socket.gethostname()).decode(),
             "hostname": socket.gethostname(),
         }
-        return key_to_pem(key), body, self.server_context()
+        return key_to_pem(key), body, ca_pem
 
     def renew(self) -> None:
         """A fresh key and certificate, authenticated by the current one."""
