@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import Any
 
 import structlog
-from sqlalchemy import Connection, or_, select, true
+from sqlalchemy import Connection, bindparam, or_, select
 
 from skyport.models import JobState
 from skyport.models.job import ACTIVE_STATES
@@ -115,54 +115,59 @@ class _Read:
     any_free: bool  # some node has a free CPU: a new job might start at once
 
 
+# The queries of every pass, built once (see skyport.server.store.jobs._CURRENT_STATES for why).
+
+# Nodes of elastic partitions count only once their partition serves jobs (in use or idle): while it
+# boots, its nodes belong to the job it is being made for.
+_UP_NODES = (
+    select(
+        nodes,
+        partitions.c.static.label("static_partition"),
+        partitions.c.flavor_id.label("partition_flavor"),
+        accounts.c.name.label("partition_account"),
+    )
+    .outerjoin(partitions, partitions.c.id == nodes.c.partition_id)
+    .outerjoin(accounts, accounts.c.id == partitions.c.account_id)
+    .where(
+        nodes.c.state_power == "up",
+        nodes.c.state_alloc.in_(["idle", "busy"]),
+        partitions.c.static.is_not(False)
+        | partitions.c.state.in_(partition_store.SCHEDULABLE)
+        | partitions.c.id.is_(None),
+    )
+)
+_ACTIVE = (
+    select(
+        jobs.c.id,
+        jobs.c.node_ids,
+        jobs.c.cpus,
+        jobs.c.mem,
+        jobs.c.gpus,
+        jobs.c.walltime,
+        jobs.c.start_time,
+        jobs.c.scheduled_time,
+        jobs.c.array_id,
+        jobs.c.exclusive,
+        accounts.c.name.label("account"),
+    )
+    .join(accounts, accounts.c.id == jobs.c.account_id)
+    .where(jobs.c.state.in_([s.value for s in ACTIVE_STATES]))
+)
+_ACTIVE_OUTSIDE = _ACTIVE.where(
+    or_(jobs.c.remote_id.is_(None), jobs.c.remote_id.not_in(bindparam("skip", expanding=True)))
+)
+
+
 def _nodes_and_running(
     conn: Connection, skip_remotes: Sequence[str] = ()
 ) -> tuple[dict[str, Any], list[Any]]:
     """Nodes that are up, and the jobs holding them; ``skip_remotes``: self-scheduling remotes, whose
     jobs (maybe thousands waiting in Slurm) hold nothing our scheduler places."""
-    # Nodes of elastic partitions count only once their partition serves jobs (in use or idle): while
-    # it boots, its nodes belong to the job it is being made for.
-    elastic = partitions.c.static.is_(False)
-    node_rows = {
-        r.id: r
-        for r in conn.execute(
-            select(
-                nodes,
-                partitions.c.static.label("static_partition"),
-                partitions.c.flavor_id.label("partition_flavor"),
-                accounts.c.name.label("partition_account"),
-            )
-            .outerjoin(partitions, partitions.c.id == nodes.c.partition_id)
-            .outerjoin(accounts, accounts.c.id == partitions.c.account_id)
-            .where(
-                nodes.c.state_power == "up",
-                nodes.c.state_alloc.in_(["idle", "busy"]),
-                ~elastic | partitions.c.state.in_(partition_store.SCHEDULABLE) | partitions.c.id.is_(None),
-            )
-        )
-    }
-    active = conn.execute(
-        select(
-            jobs.c.id,
-            jobs.c.node_ids,
-            jobs.c.cpus,
-            jobs.c.mem,
-            jobs.c.gpus,
-            jobs.c.walltime,
-            jobs.c.start_time,
-            jobs.c.scheduled_time,
-            jobs.c.array_id,
-            jobs.c.exclusive,
-            accounts.c.name.label("account"),
-        )
-        .join(accounts, accounts.c.id == jobs.c.account_id)
-        .where(jobs.c.state.in_([s.value for s in ACTIVE_STATES]))
-        .where(
-            or_(jobs.c.remote_id.is_(None), jobs.c.remote_id.not_in(list(skip_remotes)))
-            if skip_remotes
-            else true()
-        )
-    )
+    node_rows = {r.id: r for r in conn.execute(_UP_NODES)}
+    if skip_remotes:
+        active = conn.execute(_ACTIVE_OUTSIDE, {"skip": list(skip_remotes)})
+    else:
+        active = conn.execute(_ACTIVE)
     return node_rows, list(active)
 
 
@@ -195,37 +200,42 @@ def _capacity(node_rows: dict[str, Any], running: list[Any]) -> tuple[NodeCapaci
     )
 
 
-def _pending(conn: Connection, page: int) -> dict[str, Any]:
-    queued = conn.execute(
-        select(
-            jobs.c.id,
-            jobs.c.seq,
-            jobs.c.priority,
-            jobs.c.node_count,
-            jobs.c.cpus,
-            jobs.c.mem,
-            jobs.c.gpus,
-            jobs.c.walltime,
-            jobs.c.submit_time,
-            jobs.c.requested_remote_id,
-            jobs.c.reason,
-            jobs.c.labels,
-            jobs.c.depends,
-            jobs.c.depends_any,
-            jobs.c.exclusive,
-            jobs.c.estimated_start,
-            jobs.c.array_id,
-            jobs.c.array_throttle,
-            jobs.c.flavor,
-            jobs.c.account_id,
-            accounts.c.name.label("account"),
-        )
-        .join(accounts, accounts.c.id == jobs.c.account_id)
-        .where(jobs.c.state == JobState.QUEUED.value)
-        .order_by(jobs.c.priority.desc(), jobs.c.seq.asc())
-        .limit(page)
+_QUEUED = (
+    select(
+        jobs.c.id,
+        jobs.c.seq,
+        jobs.c.priority,
+        jobs.c.node_count,
+        jobs.c.cpus,
+        jobs.c.mem,
+        jobs.c.gpus,
+        jobs.c.walltime,
+        jobs.c.submit_time,
+        jobs.c.requested_remote_id,
+        jobs.c.reason,
+        jobs.c.labels,
+        jobs.c.depends,
+        jobs.c.depends_any,
+        jobs.c.exclusive,
+        jobs.c.estimated_start,
+        jobs.c.array_id,
+        jobs.c.array_throttle,
+        jobs.c.flavor,
+        jobs.c.account_id,
+        accounts.c.name.label("account"),
     )
-    return {r.id: r for r in queued}
+    .join(accounts, accounts.c.id == jobs.c.account_id)
+    .where(jobs.c.state == JobState.QUEUED.value)
+    .order_by(jobs.c.priority.desc(), jobs.c.seq.asc())
+    .limit(bindparam("page"))
+)
+_DEPENDENCIES = select(jobs.c.id, jobs.c.state, jobs.c.remote_id, jobs.c.requested_remote_id).where(
+    jobs.c.id.in_(bindparam("ids", expanding=True))
+)
+
+
+def _pending(conn: Connection, page: int) -> dict[str, Any]:
+    return {r.id: r for r in conn.execute(_QUEUED, {"page": page})}
 
 
 def _offers(conn: Connection, max_creating: dict[str, int]) -> tuple[FlavorOffer, ...]:
@@ -278,17 +288,7 @@ def _read_snapshot(
         # as could start, and one more, so that this pass fills them all instead of a page at a time.
         pending_rows = _pending(conn, min(max_page, free_cpus + 1))
     depends = {d for r in pending_rows.values() for d in (*r.depends, *r.depends_any)}
-    dependency_rows = (
-        list(
-            conn.execute(
-                select(jobs.c.id, jobs.c.state, jobs.c.remote_id, jobs.c.requested_remote_id).where(
-                    jobs.c.id.in_(depends)
-                )
-            )
-        )
-        if depends
-        else []
-    )
+    dependency_rows = list(conn.execute(_DEPENDENCIES, {"ids": list(depends)})) if depends else []
     dependency_states = {r.id: r.state for r in dependency_rows}
     dependency_remotes = {
         r.id: r.remote_id or r.requested_remote_id

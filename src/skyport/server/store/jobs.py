@@ -148,6 +148,19 @@ def insert_jobs(conn: Connection, new_jobs: Sequence[NewJob]) -> None:
         conn.execute(insert(job_files), files)
 
 
+# The hot paths' queries are built once, with bound parameters. SQLAlchemy caches a statement's
+# compiled form but not the statement: one built per call is constructed and walked for its cache key
+# on every execution, which for these small queries cost more than running them (the transitions'
+# read: 260 us built per call, 80 us prebuilt, on an empty table).
+
+#: The current state of jobs about to change (locked on PostgreSQL: see :func:`transition`).
+_CURRENT_STATES = (
+    select(jobs.c.id, jobs.c.state, jobs.c.attempt, jobs.c.partition_id)
+    .where(jobs.c.id.in_(bindparam("ids", expanding=True)))
+    .with_for_update()
+)
+
+
 def transition(conn: Connection, changes: Sequence[StateChange], now: datetime) -> list[StateChange]:
     """Apply each change whose job is still in an expected state; return the ones applied.
 
@@ -158,13 +171,7 @@ def transition(conn: Connection, changes: Sequence[StateChange], now: datetime) 
     """
     if not changes:
         return []
-    ids = list({c.job_id for c in changes})
-    query = (
-        select(jobs.c.id, jobs.c.state, jobs.c.attempt, jobs.c.partition_id)
-        .where(jobs.c.id.in_(ids))
-        .with_for_update()
-    )
-    read = conn.execute(query).all()
+    read = conn.execute(_CURRENT_STATES, {"ids": list({c.job_id for c in changes})}).all()
     current = {r.id: (JobState(r.state), r.attempt) for r in read}
     on_partitions = {r.id for r in read if r.partition_id is not None}
     applied: list[StateChange] = []
@@ -249,13 +256,14 @@ def owners_of(conn: Connection, job_ids: Sequence[str]) -> dict[str, str]:
     return {r.id: r.owner_id for r in rows}
 
 
+_STARTED = select(jobs.c.id, jobs.c.account_id, jobs.c.cpus, jobs.c.node_count, jobs.c.start_time).where(
+    jobs.c.id.in_(bindparam("ids", expanding=True)), jobs.c.start_time.is_not(None)
+)
+
+
 def cpu_seconds_used(conn: Connection, job_ids: Sequence[str], now: datetime) -> dict[str, tuple[str, float]]:
     """For jobs that started: job id -> (account id, CPU-seconds used until ``now``)."""
-    rows = conn.execute(
-        select(jobs.c.id, jobs.c.account_id, jobs.c.cpus, jobs.c.node_count, jobs.c.start_time).where(
-            jobs.c.id.in_(job_ids), jobs.c.start_time.is_not(None)
-        )
-    )
+    rows = conn.execute(_STARTED, {"ids": list(job_ids)})
     return {
         r.id: (r.account_id, r.cpus * r.node_count * max(0.0, (now - r.start_time).total_seconds()))
         for r in rows
@@ -284,14 +292,24 @@ def requeue_values(attempt: int) -> dict[str, Any]:
     }
 
 
+_SET_WAIT_REASON = (
+    update(jobs)
+    .where(jobs.c.id.in_(bindparam("ids", expanding=True)), jobs.c.state == JobState.QUEUED.value)
+    .values(
+        reason=bindparam("w_reason"),
+        state_details=bindparam("w_message"),
+        estimated_start=bindparam("w_start", type_=jobs.c.estimated_start.type),
+    )
+)
+
+
 def set_wait_reason(
     conn: Connection, job_ids: Sequence[str], reason: str, message: str, estimated_start: datetime | None
 ) -> None:
     """Why queued jobs wait and when they should start (not a state change, so no event)."""
     conn.execute(
-        update(jobs)
-        .where(jobs.c.id.in_(job_ids), jobs.c.state == JobState.QUEUED.value)
-        .values(reason=reason, state_details=message, estimated_start=estimated_start)
+        _SET_WAIT_REASON,
+        {"ids": list(job_ids), "w_reason": reason, "w_message": message, "w_start": estimated_start},
     )
 
 
@@ -482,6 +500,21 @@ def rows_with_owner(
     return list(conn.execute(query).all())
 
 
+_QUEUE_ORDER = (jobs.c.priority.desc(), jobs.c.seq.asc())
+_LAUNCH_CANDIDATES = (
+    select(jobs.c.id, jobs.c.node_ids, jobs.c.cancel_requested, jobs.c.requeue_requested)
+    .where(jobs.c.state.in_(bindparam("states", expanding=True)), jobs.c.handle.is_(None))
+    .order_by(*_QUEUE_ORDER)
+    .limit(bindparam("n"))
+)
+_TO_LAUNCH = (
+    select(jobs, users.c.name.label("owner_name"))
+    .join(users, users.c.id == jobs.c.owner_id)
+    .where(jobs.c.id.in_(bindparam("ids", expanding=True)))
+    .order_by(*_QUEUE_ORDER)
+)
+
+
 def rows_to_launch(
     conn: Connection,
     states: Iterable[JobState],
@@ -498,13 +531,7 @@ def rows_to_launch(
     JSON columns decoded) on every pass of the execution loop was most of the pass's cost, for rows it
     skips. So are the rows the caller tells to ``skip`` (those it is launching already).
     """
-    order = (jobs.c.priority.desc(), jobs.c.seq.asc())
-    candidates = conn.execute(
-        select(jobs.c.id, jobs.c.node_ids, jobs.c.cancel_requested, jobs.c.requeue_requested)
-        .where(jobs.c.state.in_([s.value for s in states]), jobs.c.handle.is_(None))
-        .order_by(*order)
-        .limit(limit)
-    )
+    candidates = conn.execute(_LAUNCH_CANDIDATES, {"states": [s.value for s in states], "n": limit})
     ids = [
         r.id
         for r in candidates
@@ -512,13 +539,7 @@ def rows_to_launch(
     ]
     if not ids:
         return []
-    query = (
-        select(jobs, users.c.name.label("owner_name"))
-        .join(users, users.c.id == jobs.c.owner_id)
-        .where(jobs.c.id.in_(ids))
-        .order_by(*order)
-    )
-    return list(conn.execute(query).all())
+    return list(conn.execute(_TO_LAUNCH, {"ids": ids}).all())
 
 
 def list_files(conn: Connection, job_id: str, kind: str) -> list[tuple[str, int, str]]:

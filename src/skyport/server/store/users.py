@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 
 from skyport.models import Account, User
 from skyport.server.store.tables import account_members, accounts, certificates, users
@@ -133,9 +133,20 @@ class AccountUsage:
     spend: float = 0.0  # what its jobs' elastic capacity has cost so far
 
 
+# Built once: the scheduler reads the accounts on every pass and ended jobs are charged in every batch
+# of job ends (see jobs._CURRENT_STATES for why).
+_ACCOUNTS = select(accounts).order_by(accounts.c.name)
+_USAGE = select(accounts.c.usage, accounts.c.usage_at).where(accounts.c.id == bindparam("b_id"))
+_SET_USAGE = (
+    update(accounts)
+    .where(accounts.c.id == bindparam("b_id"))
+    .values(usage=bindparam("b_usage"), usage_at=bindparam("b_at", type_=accounts.c.usage_at.type))
+)
+
+
 def account_usage(conn: Connection, now: datetime, half_life_s: float) -> list[AccountUsage]:
     """Every account's fair-share weight and recent use (decayed to ``now``)."""
-    rows = conn.execute(select(accounts).order_by(accounts.c.name))
+    rows = conn.execute(_ACCOUNTS)
     return [
         AccountUsage(r.name, r.share, _decayed(r.usage, r.usage_at, now, half_life_s), r.budget, r.spend)
         for r in rows
@@ -145,13 +156,11 @@ def account_usage(conn: Connection, now: datetime, half_life_s: float) -> list[A
 def charge_usage(conn: Connection, charges: dict[str, float], now: datetime, half_life_s: float) -> None:
     """Add CPU-seconds to accounts (by id), decaying what they had to ``now`` first."""
     for account_id, cpu_seconds in charges.items():
-        row = conn.execute(
-            select(accounts.c.usage, accounts.c.usage_at).where(accounts.c.id == account_id)
-        ).first()
+        row = conn.execute(_USAGE, {"b_id": account_id}).first()
         if row is None:
             continue
         usage = _decayed(row.usage, row.usage_at, now, half_life_s) + cpu_seconds
-        conn.execute(update(accounts).where(accounts.c.id == account_id).values(usage=usage, usage_at=now))
+        conn.execute(_SET_USAGE, {"b_id": account_id, "b_usage": usage, "b_at": now})
 
 
 def create_account(conn: Connection, name: str, *, share: float, budget: float | None, now: datetime) -> None:
