@@ -242,6 +242,26 @@ async def test_a_prepared_insert_refuses_rows_with_columns_it_does_not_write(sto
         await store.write(prepared.execute, [{**row, "reason": "r", "message": "m"}])
 
 
+async def test_a_prepared_insert_stores_each_rows_own_values(store: Store) -> None:
+    """A value shared by every row is bound once for all of them; rows whose values differ keep theirs."""
+    owner, account = await _owner(store)
+    job = _new(owner, account)
+    await store.write(job_store.insert_jobs, [job])
+    prepared = PreparedInsert(
+        events, ("job_id", "attempt", "time", "from_state", "to_state", "reason", "message")
+    )
+    later = NOW + timedelta(seconds=5)
+    times = {"shared": [NOW, NOW, NOW], "mixed": [NOW, later, NOW]}
+    for reason, at in times.items():
+        rows = [
+            {"job_id": job.id, "attempt": 1, "time": t, "from_state": None, "to_state": "queued"} for t in at
+        ]
+        await store.write(prepared.execute, [{**row, "reason": reason, "message": "m"} for row in rows])
+    stored = await store.read(job_store.list_events, job.id)
+    for reason, at in times.items():
+        assert [e.time for e in stored if e.reason == reason] == at
+
+
 def _queue_index_and_plan(conn: Connection) -> tuple[str, list[str]]:
     """The queue index's definition, and (SQLite) the plan of the scheduler's read of the queue head."""
     if conn.dialect.name == "sqlite":
