@@ -31,6 +31,7 @@ from skyport.gates.process import (
     LaunchRequest,
     ProcessExecutor,
     ProcessHandle,
+    _read_stat,
 )
 
 TIMEOUT = 20.0
@@ -898,3 +899,16 @@ async def test_scripts_launched_from_several_threads_at_once_all_run(
         outcomes.append(outcome)
     codes = [(await outcome.wait()).exit_code for outcome in outcomes]
     assert codes == [i % 7 for i in range(120)]
+
+
+async def test_a_handle_has_the_start_time_proc_reports(executor: ProcessExecutor, tmp_path: Path) -> None:
+    """The start time in a handle (its identity against pid reuse) is taken from the clock around the
+    fork, not read from /proc: it must be exactly what /proc says, for every launch."""
+    handles = [executor.launch(request(tmp_path, f"j{i}", argv=["sleep", "30"])) for i in range(60)]
+    try:
+        for handle in handles:
+            proc = _read_stat(handle.pid)
+            assert proc is not None and handle.start_ticks == proc.start_ticks
+    finally:
+        for handle in handles:
+            executor.terminate(handle, grace_s=0)
