@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from skyport.models import Flavor, Image, Job, JobState, Node, Remote
-from skyport.server.api.deps import get_core, get_principal
+from skyport.server.api.deps import RequestRoute, get_core, get_principal
 from skyport.server.api.submission import submission
 from skyport.server.auth import Principal, owner_filter
 from skyport.server.core import Core
@@ -196,8 +196,8 @@ async def job_stderr(job_id: str, core: CoreDep, principal: PrincipalDep) -> Res
     return await _log(core, principal, job_id, "stderr")
 
 
-@router.post("/job")
-async def submit(request: Request, core: CoreDep, principal: PrincipalDep) -> Response:
+async def submit(request: Request) -> Response:
+    core, principal = await get_core(request), await get_principal(request)
     try:
         async with submission(
             request,
@@ -209,6 +209,9 @@ async def submit(request: Request, core: CoreDep, principal: PrincipalDep) -> Re
     except SubmissionError as exc:
         return PlainTextResponse(str(exc), status_code=exc.status)
     return Response(job.id, media_type="application/octet-stream")
+
+
+router.add_api_route("/job", submit, methods=["POST"], route_class_override=RequestRoute)
 
 
 @router.delete("/job/{job_id}")

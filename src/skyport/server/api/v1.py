@@ -28,7 +28,7 @@ from skyport.models import (
     Remote,
     User,
 )
-from skyport.server.api.deps import check_job_id, get_core, get_principal, model_response
+from skyport.server.api.deps import RequestRoute, check_job_id, get_core, get_principal, model_response
 from skyport.server.api.submission import submission
 from skyport.server.auth import Principal, owner_filter, require_admin
 from skyport.server.core import Core
@@ -51,8 +51,19 @@ async def _job(core: Core, principal: Principal, job_id: str) -> Job:
     return job
 
 
-@router.post(
+async def submit(request: Request) -> Response:
+    """A JobSpec as JSON, a job script as text, or multipart with ``spec``/``script`` and ``input`` files."""
+    core, principal = await get_core(request), await get_principal(request)
+    async with submission(request, limit=core.settings.max_upload_bytes) as (spec, uploads):
+        job = await core.intake.submit(principal.user, spec, uploads)
+    return model_response(job, status_code=201)
+
+
+router.add_api_route(
     "/jobs",
+    submit,
+    methods=["POST"],
+    route_class_override=RequestRoute,
     status_code=201,
     response_model=Job,
     summary="Submit a job",
@@ -75,11 +86,6 @@ async def _job(core: Core, principal: Principal, job_id: str) -> Job:
         }
     },
 )
-async def submit(request: Request, core: CoreDep, principal: PrincipalDep) -> Response:
-    """A JobSpec as JSON, a job script as text, or multipart with ``spec``/``script`` and ``input`` files."""
-    async with submission(request, limit=core.settings.max_upload_bytes) as (spec, uploads):
-        job = await core.intake.submit(principal.user, spec, uploads)
-    return model_response(job, status_code=201)
 
 
 @router.get("/jobs", response_model=Page[Job], summary="List jobs")
