@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import Any
 
 import structlog
-from sqlalchemy import Connection, bindparam, or_, select
+from sqlalchemy import Connection, bindparam, func, or_, select
 
 from skyport.models import JobState
 from skyport.models.job import ACTIVE_STATES
@@ -55,7 +55,9 @@ MIN_PAGE = 64
 BACKFILL_DEPTH = 1024
 #: What a pass reads first. Under a steady stream of short jobs a pass places the few whose CPUs were
 #: freed since the last one (every 20 ms), and reading (and building) 64 queued jobs for them was the
-#: scheduler's largest cost; a page that is placed whole grows at once (x4).
+#: scheduler's largest cost; a page that is placed whole grows at once (x4). After a pass that placed
+#: more, the next one reads as many as it placed and one more (a second read of the queue's head in
+#: every pass otherwise, once the first page proved too short).
 FIRST_PAGE = 16
 MAX_PAGE = 8192
 #: Shortest time between two passes. Submissions arrive far faster than placements matter; one pass
@@ -143,12 +145,11 @@ _ACTIVE = (
         jobs.c.cpus,
         jobs.c.mem,
         jobs.c.gpus,
+        func.coalesce(jobs.c.start_time, jobs.c.scheduled_time),
         jobs.c.walltime,
-        jobs.c.start_time,
-        jobs.c.scheduled_time,
+        accounts.c.name,
         jobs.c.array_id,
         jobs.c.exclusive,
-        accounts.c.name.label("account"),
     )
     .join(accounts, accounts.c.id == jobs.c.account_id)
     .where(jobs.c.state.in_([s.value for s in ACTIVE_STATES]))
@@ -159,8 +160,8 @@ _ACTIVE_OUTSIDE = _ACTIVE.where(
 
 
 def _nodes_and_running(
-    conn: Connection, skip_remotes: Sequence[str] = ()
-) -> tuple[dict[str, Any], list[Any]]:
+    conn: Connection, now: datetime, skip_remotes: Sequence[str] = ()
+) -> tuple[dict[str, Any], tuple[RunningJob, ...]]:
     """Nodes that are up, and the jobs holding them; ``skip_remotes``: self-scheduling remotes, whose
     jobs (maybe thousands waiting in Slurm) hold nothing our scheduler places."""
     node_rows = {r.id: r for r in conn.execute(_UP_NODES)}
@@ -168,17 +169,34 @@ def _nodes_and_running(
         active = conn.execute(_ACTIVE_OUTSIDE, {"skip": list(skip_remotes)})
     else:
         active = conn.execute(_ACTIVE)
-    return node_rows, list(active)
+    # Unpacked, not read by name: every pass reads every running job, and a row's attribute lookups
+    # were most of the time it took to make one.
+    running = tuple(
+        RunningJob(
+            id=job_id,
+            node_ids=tuple(node_ids),
+            cpus=cpus,
+            mem=mem,
+            gpus=gpus,
+            start_time=started or now,
+            walltime=walltime,
+            account=account,
+            array_id=array_id,
+            exclusive=exclusive,
+        )
+        for job_id, node_ids, cpus, mem, gpus, started, walltime, account, array_id, exclusive in active
+    )
+    return node_rows, running
 
 
-def _capacity(node_rows: dict[str, Any], running: list[Any]) -> tuple[NodeCapacity, ...]:
+def _capacity(node_rows: dict[str, Any], running: Sequence[RunningJob]) -> tuple[NodeCapacity, ...]:
     used: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
-    for row in running:
-        for node_id in row.node_ids:
+    for job in running:
+        for node_id in job.node_ids:
             u = used[node_id]
-            u[0] += row.cpus
-            u[1] += row.mem
-            u[2] += row.gpus
+            u[0] += job.cpus
+            u[1] += job.mem
+            u[2] += job.gpus
     return tuple(
         NodeCapacity(
             id=n.id,
@@ -279,9 +297,9 @@ def _read_snapshot(
         # jobs are frequent (every placement and start wakes the scheduler) and, with hundreds of jobs
         # running, that read was most of their cost.
         return _Read(Snapshot(jobs=(), nodes=(), policy=policy), {}, {}, False)
-    node_rows, running_rows = _nodes_and_running(conn, list(forwarding))
+    node_rows, running = _nodes_and_running(conn, now, list(forwarding))
     # Nodes of self-scheduling remotes are shown, but their own scheduler places on them, never ours.
-    capacity = _capacity({i: n for i, n in node_rows.items() if n.remote_id not in forwarding}, running_rows)
+    capacity = _capacity({i: n for i, n in node_rows.items() if n.remote_id not in forwarding}, running)
     free_cpus = sum(max(0, n.free_cpus) for n in capacity)
     if len(pending_rows) == page and free_cpus >= page and page < max_page:
         # More CPUs are free than the page has jobs (a job takes one at least): read as many queued jobs
@@ -322,21 +340,7 @@ def _read_snapshot(
         ),
         nodes=capacity,
         flavors=_offers(conn, max_creating),
-        running=tuple(
-            RunningJob(
-                id=r.id,
-                node_ids=tuple(r.node_ids),
-                cpus=r.cpus,
-                mem=r.mem,
-                gpus=r.gpus,
-                start_time=r.start_time or r.scheduled_time or now,
-                walltime=r.walltime,
-                account=r.account,
-                array_id=r.array_id,
-                exclusive=r.exclusive,
-            )
-            for r in running_rows
-        ),
+        running=running,
         accounts={
             a.name: AccountState(
                 name=a.name,
@@ -531,8 +535,8 @@ class SchedulerLoop:
         ):  # the head waits while capacity is free: look deeper, at once, for jobs that fit the holes
             self._page = self._depth
             self.wakeup.ring()
-        else:
-            self._page = FIRST_PAGE
+        else:  # as many as the last pass placed, and one more: a steady stream is read in one query
+            self._page = min(self._depth, max(FIRST_PAGE, len(decided.placements) + 1))
 
     async def _record(
         self, decided: Plan, node_rows: dict[str, Any], pending_rows: dict[str, Any], now: datetime
