@@ -507,8 +507,15 @@ _LAUNCH_CANDIDATES = (
     .order_by(*_QUEUE_ORDER)
     .limit(bindparam("n"))
 )
+#: What the execution loop reads of a job it launches (the whole row was a third of the read's cost).
 _TO_LAUNCH = (
-    select(jobs, users.c.name.label("owner_name"))
+    select(
+        *(jobs.c[name] for name in ("id", "state", "reason", "state_details", "attempt", "spec")),
+        *(jobs.c[name] for name in ("walltime", "array_id", "array_index", "remote_id", "node_ids")),
+        *(jobs.c[name] for name in ("node_names", "handle", "start_time", "exit_code", "signal")),
+        *(jobs.c[name] for name in ("cancel_requested", "requeue_requested", "canceled_by")),
+        users.c.name.label("owner_name"),
+    )
     .join(users, users.c.id == jobs.c.owner_id)
     .where(jobs.c.id.in_(bindparam("ids", expanding=True)))
     .order_by(*_QUEUE_ORDER)
