@@ -287,3 +287,34 @@ async def test_the_queue_head_is_read_in_index_order_without_sorting_the_queue(s
     definition, plan = await store.read(_queue_index_and_plan)
     assert "priority DESC" in definition
     assert not [step for step in plan if "TEMP B-TREE" in step]
+
+
+def _partial_indexes(conn: Connection) -> tuple[dict[str, str], list[str]]:
+    """The jobs' partition and array index definitions, and (SQLite) the plans of lookups by them."""
+    names = ("ix_jobs_partition_id", "ix_jobs_array_id")
+    if conn.dialect.name == "sqlite":
+        rows = conn.exec_driver_sql("SELECT name, sql FROM sqlite_master WHERE name IN (?, ?)", names).all()
+        plans = [
+            row[3]
+            for query in (
+                "SELECT id FROM jobs WHERE partition_id IN ('a', 'b')",
+                "SELECT id FROM jobs WHERE array_id = 'a'",
+            )
+            for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {query}")
+        ]
+        return {name: sql for name, sql in rows}, plans
+    rows = conn.exec_driver_sql(
+        "SELECT indexname, indexdef FROM pg_indexes WHERE indexname IN "
+        "('ix_jobs_partition_id', 'ix_jobs_array_id')"
+    ).all()
+    return {name: sql for name, sql in rows}, []
+
+
+async def test_the_partition_and_array_indexes_hold_only_jobs_that_have_one(store: Store) -> None:
+    """Most jobs have neither (0009): every submission and placement wrote both indexes for NULLs."""
+    definitions, plans = await store.read(_partial_indexes)
+    assert len(definitions) == 2
+    for name, definition in definitions.items():
+        assert "IS NOT NULL" in definition, name
+    for plan in plans:  # the lookups still use them
+        assert "USING INDEX ix_jobs_" in plan or "USING COVERING INDEX ix_jobs_" in plan, plan

@@ -245,11 +245,11 @@ jobs = Table(
     Column("depends_any", JSON, nullable=False, server_default="[]"),  # ... (after any end)
     Column("exclusive", Boolean, nullable=False, server_default="0"),  # whole nodes
     Column("flavor", String(128), nullable=True),  # an elastic flavor asked for (#SWM flavor)
-    Column("partition_id", String(36), nullable=True, index=True),  # the elastic partition it runs on
+    Column("partition_id", String(36), nullable=True),  # the elastic partition it runs on
     Column("cost", Float, nullable=False, server_default="0"),  # flavor price x node-hours used
     Column("estimated_start", UTCDateTime, nullable=True),  # while queued, when known
     # A task of an array job: which array, which index, and how many of its tasks may run at once.
-    Column("array_id", String(36), ForeignKey("arrays.id", ondelete="CASCADE"), nullable=True, index=True),
+    Column("array_id", String(36), ForeignKey("arrays.id", ondelete="CASCADE"), nullable=True),
     Column("array_index", Integer, nullable=True),
     Column("array_throttle", Integer, nullable=True),
     # The remote the user asked for (None: any); remote_id is where the job was placed.
@@ -275,6 +275,20 @@ jobs = Table(
 # migration of the jobs table on SQLite recreates it without its DESC (see migration 0008): recreate it
 # after any such migration (test_store checks it).
 Index("ix_jobs_queue", jobs.c.state, jobs.c.priority.desc(), jobs.c.seq)
+# Most jobs run on no elastic partition and are no array's tasks: these indexes hold only the jobs that
+# are (migration 0009; every submission and placement wrote both for NULLs).
+Index(
+    "ix_jobs_partition_id",
+    jobs.c.partition_id,
+    sqlite_where=jobs.c.partition_id.is_not(None),
+    postgresql_where=jobs.c.partition_id.is_not(None),
+)
+Index(
+    "ix_jobs_array_id",
+    jobs.c.array_id,
+    sqlite_where=jobs.c.array_id.is_not(None),
+    postgresql_where=jobs.c.array_id.is_not(None),
+)
 
 job_files = Table(
     "job_files",
