@@ -125,8 +125,8 @@ class Intake:
         if not spec.name:
             spec = spec.model_copy(update={"name": default_name(spec)})
 
-        job_id = self._ids.new()
         now = self._clock.now()
+        job_id = self._ids.new(now)
         array = self._array(user, spec, now)
         # An array's uploads are kept once, under the array's id, for all its tasks.
         keep_under = array.id if array else job_id
@@ -134,7 +134,7 @@ class Intake:
             files = await self._keep_uploads(keep_under, uploads)
             tasks = [
                 job_store.NewJob(
-                    id=job_id if i == 0 else self._ids.new(),
+                    id=job_id if i == 0 else self._ids.new(now),
                     owner_id=user.id,
                     account_id=account_id,
                     spec=spec,
@@ -195,7 +195,7 @@ class Intake:
             return None
         parsed = parse_array(spec.array)
         return job_store.NewArray(
-            id=self._ids.new(),
+            id=self._ids.new(now),
             owner_id=user.id,
             name=spec.name,
             range=spec.array,
