@@ -50,8 +50,11 @@ class PreparedStatement:
                 f"rows have {', '.join(sorted(rows[0]))}, the statement {sorted(self._parameters)}"
             )
         compiled = self._by_dialect.get(conn.dialect.name) or self._compile(conn.dialect)
-        columns = [_bound(rows, key, processor) for key, processor in compiled.binds]
-        result = conn.exec_driver_sql(compiled.sql, list(zip(*columns, strict=True)))
+        if len(rows) <= _ROW_BY_ROW:
+            params = [tuple(row[k] if p is None else p(row[k]) for k, p in compiled.binds) for row in rows]
+        else:
+            params = list(zip(*[_bound(rows, key, p) for key, p in compiled.binds], strict=True))
+        result = conn.exec_driver_sql(compiled.sql, params)
         return result.rowcount
 
     def _compile(self, dialect: Dialect) -> _Compiled:
@@ -71,6 +74,12 @@ class PreparedStatement:
         compiled = _Compiled(str(statement), tuple(binds))
         self._by_dialect[dialect.name] = compiled
         return compiled
+
+
+#: Up to this many rows (a submission's one or two), parameters are processed row by row; beyond, column
+#: by column (:func:`_bound`). Measured on the jobs' insert: 2 rows, 18 against 24 us a row; 16 rows,
+#: 21 against 10.
+_ROW_BY_ROW = 2
 
 
 def _bound(rows: Sequence[Mapping[str, Any]], key: str, processor: Callable[[Any], Any] | None) -> list[Any]:
