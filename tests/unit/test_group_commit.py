@@ -50,11 +50,24 @@ async def store(tmp_path: Path) -> AsyncIterator[CountingStore]:
 
 async def test_items_arriving_together_share_a_transaction(store: CountingStore) -> None:
     group = GroupCommit(store, _insert)
-    assert await group.write(1) == 10  # alone: written at once
+    assert await group.write(1) == 10  # alone: written on its own
     results = await asyncio.gather(*(group.write(n) for n in range(2, 12)))
     assert results == [n * 10 for n in range(2, 12)]
     assert store.writes <= 3  # the first alone, then the ten in one or two groups
     assert await store.read(_rows) == list(range(1, 12))
+
+
+async def test_an_item_written_a_loop_turn_after_the_first_joins_its_group(store: CountingStore) -> None:
+    """Requests of several clients reach the loop in successive polls, not in one turn: the group waits
+    one turn of the loop before it is written, and takes in what came meanwhile."""
+    group = GroupCommit(store, _insert)
+
+    async def next_turn() -> int:
+        await asyncio.sleep(0)
+        return await group.write(2)
+
+    assert await asyncio.gather(group.write(1), next_turn()) == [10, 20]
+    assert store.writes == 1
 
 
 async def test_a_failing_item_fails_alone(store: CountingStore) -> None:

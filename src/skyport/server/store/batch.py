@@ -4,8 +4,8 @@ When a burst of VMs boots, hundreds of agents enrol and say hello within seconds
 those writes runs a few statements, but as a transaction of its own it also pays ``BEGIN IMMEDIATE`` and
 a commit (on SQLite a WAL append), and waits behind all the others for SQLite's one writer. A
 :class:`GroupCommit` writes every item that arrived while the previous group was being written (or in
-the same turn of the event loop) in one transaction, so those costs are paid once per group, not once
-per agent; a lone item is written at once, as before.
+the same or the next turn of the event loop) in one transaction, so those costs are paid once per
+group, not once per agent; a lone item is written one turn of the loop later.
 
 A group is written by ``group_txn(conn, items)`` when one is given — the same writes as ``txn`` for each
 item, but a few statements for the whole group instead of a few per item (each statement costs its
@@ -63,6 +63,11 @@ class GroupCommit(Generic[Item, Result]):
         return await done
 
     async def _drain(self) -> None:
+        # One more turn of the loop before the first write: the requests of several clients reach the
+        # loop in successive polls, and what their handlers write in that turn joins the group. Measured
+        # with 4 clients (bench/submit_rate.py): 1,258-1,443 -> 1,784-1,904 durable submissions a
+        # second, p50 latency 2.6-3.0 -> 2.0 ms; 2,000 trivial jobs, 1,030 -> 543 insert transactions.
+        await asyncio.sleep(0)
         while self._pending:
             group = self._pending[: self._max_group]
             del self._pending[: self._max_group]
