@@ -28,6 +28,7 @@ from skyport.client import Client
 from skyport.client.api import ApiError
 from skyport.models import Job, JobSpec, JobState
 from skyport.models.job import InputSpec, OutputSpec
+from skyport.server.spool import Spool
 from tests.support.core import CoreProcess, wait_for
 from tests.unit.test_staging import DataServer, Resource
 
@@ -137,7 +138,7 @@ def secure_web(staging_core: CoreProcess) -> Iterator[DataServer]:
 
 
 def inputs_dir(core: CoreProcess, job_id: str) -> Path:
-    return core.home / "spool" / "jobs" / job_id[:2] / job_id / "inputs"
+    return Spool(core.home / "spool").inputs(job_id)
 
 
 def files_under(directory: Path) -> list[str]:
