@@ -529,7 +529,7 @@ def rows_to_launch(
     limit: int,
     skip: Callable[[str], bool] = lambda job_id: False,
 ) -> list[Any]:
-    """Job rows (plus ``owner_name``) in ``states`` not yet handed to a gate (no handle: a
+    """Job rows (the columns of :data:`_TO_LAUNCH`) in ``states`` not yet handed to a gate (no handle: a
     self-scheduling gate's submitted jobs stay ``scheduled`` with one), in scheduling order — only those
     there is something to do for: placed on nodes, or with a cancel or requeue request.
 
