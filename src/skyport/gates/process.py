@@ -127,6 +127,8 @@ SETUP_ERR_FILE = "setup.err"
 _MAX_SIGNAL = 64
 #: Accounts are looked up at most this often (seconds): a lookup may go to LDAP, launch is a hot path.
 _ACCOUNT_TTL_S = 60.0
+#: A clock tick of /proc's process start times, in nanoseconds (see :func:`_start_ticks`).
+_TICK_NS = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SYSTEM_DIRS = "/usr/sbin:/usr/bin:/sbin:/bin"
 _USER_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -320,9 +322,8 @@ def _start_ticks(pid: int, not_before: int, not_after: int) -> int:
     ~0.2 ms on every launch, and the launcher starts its jobs one after the other. A fork that
     straddles a tick (one in ~20 here) is read from the file.
     """
-    tick_ns = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
-    if not_before // tick_ns == not_after // tick_ns:
-        return not_before // tick_ns
+    if not_before // _TICK_NS == not_after // _TICK_NS:
+        return not_before // _TICK_NS
     st = _read_stat(pid)
     if st is None:  # cannot happen: an unreaped child keeps its /proc entry
         raise LaunchError(f"the child {pid} vanished at its start")
